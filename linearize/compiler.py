@@ -1,0 +1,335 @@
+"""``linearize.compile``: torch model -> :class:`~linearize.ir.Program`.
+
+Structure comes from a torch.fx trace of a *copy* of the model (the user's module,
+its parameters, buffers and train/eval flags are never touched). Shapes come from
+running the traced copy once in float64 on a seeded example batch. Each traced
+node is lowered by the registered lowering of its module type, function or
+method (``linearize.ops``); every node that has none is collected, and one
+:class:`UnsupportedLayerError` names them all.
+"""
+
+from __future__ import annotations
+
+import copy
+import operator
+from collections.abc import Sequence
+from math import prod
+
+import torch
+import torch.fx as fx
+from torch import Tensor, nn
+from torch.fx.passes.shape_prop import ShapeProp
+
+import linearize.ops  # noqa: F401  (registers the lowerings)
+from linearize import passes
+from linearize.errors import CompileError, Offender, TrainingModeError, UnsupportedLayerError
+from linearize.ir import Add, Affine, LinearOperator, MaxPool, Node, Program, ReLU
+from linearize.registry import FUNCTION_LOWERINGS, METHOD_LOWERINGS, module_lowering
+from linearize.tolerances import within
+
+TRACE_BATCH = 3
+"""Batch size of the shape-finding run; a reshape that changes it mixed examples."""
+
+_CHECK_SEED = 20180217
+
+# Calls that only compute sizes for a later reshape; they yield no tensor.
+_SIZE_METHODS = frozenset({"size", "dim", "numel"})
+_DROPOUT_TYPES = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout)
+
+
+class _Unsupported(Exception):
+    """Raised by a lowering (through ``ctx.unsupported``) to reject one call."""
+
+
+_POISON = object()  # value of an fx node downstream of an unsupported one
+_CONST = object()  # value of a get_attr node (a parameter used as data)
+
+
+def compile(  # noqa: A001  (the public name is fixed by the API contract)
+    model: nn.Module,
+    input_shape: Sequence[int],
+    *,
+    fold_batchnorm: bool = True,
+    check: bool = True,
+) -> Program:
+    """Compile a piecewise-linear network into an exact program of affine maps and gates.
+
+    Args:
+        model: the network; not modified (parameters, buffers and ``.training`` stay).
+        input_shape: per-example input shape, e.g. (1, 28, 28) for (N, 1, 28, 28) batches.
+        fold_batchnorm: merge each eval-mode batch-norm into the conv / linear before it.
+        check: run the program and the (copied) model on a seeded float64 batch and
+            raise :class:`CompileError` if they differ beyond the float64 tolerance.
+
+    Returns:
+        A :class:`Program` with float64 parameters on the CPU; ``program(x)`` runs in
+        the dtype and on the device of ``x``.
+
+    Raises:
+        UnsupportedLayerError: naming every module / call that is not piecewise-linear.
+        TrainingModeError: a BatchNorm or Dropout is in training mode.
+        ValueError: ``input_shape`` does not fit the model, or the model is not traceable
+            with one tensor input and one tensor output.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"expected a torch.nn.Module, got {type(model).__name__}")
+    input_shape = _check_shape(input_shape)
+    _reject_training_mode(model)
+    _reject_hooks(model)
+
+    work = copy.deepcopy(model).to(device="cpu", dtype=torch.float64)
+    gm = _trace(work)
+    example = torch.rand(
+        (TRACE_BATCH, *input_shape),
+        dtype=torch.float64,
+        generator=torch.Generator().manual_seed(_CHECK_SEED),
+    )
+    try:
+        with torch.no_grad():
+            ShapeProp(gm).propagate(example)
+    except Exception as e:  # noqa: BLE001  (torch raises many types for a shape mismatch)
+        raise ValueError(
+            f"input_shape {input_shape} does not fit {type(model).__name__}: running it on a "
+            f"batch of shape {tuple(example.shape)} failed with {type(e).__name__}: {e}"
+        ) from e
+
+    lowering = _Lowering(gm, input_shape)
+    program = lowering.run(source=type(model).__name__)
+    program.lint()
+    if fold_batchnorm:
+        program = passes.fold_batchnorm(program)
+        program.lint()
+    if check:
+        with torch.no_grad():
+            want = gm(example)
+            got = program(example)
+        if got.shape != want.shape or not bool(within(got, want).all()):
+            err = (got - want).abs().max().item() if got.shape == want.shape else float("nan")
+            raise CompileError(
+                f"compiled program disagrees with {type(model).__name__} on the check batch "
+                f"(max abs error {err:.3e}); this is a compiler bug, please report it with the "
+                f"model definition.\n{program.summary()}"
+            )
+    return program
+
+
+# --------------------------------------------------------------------------- checks
+
+
+def _check_shape(input_shape: Sequence[int]) -> tuple[int, ...]:
+    try:
+        shape = tuple(int(s) for s in input_shape)
+    except TypeError as e:
+        raise ValueError(f"input_shape must be a sequence of ints, got {input_shape!r}") from e
+    if not shape or any(s <= 0 for s in shape):
+        raise ValueError(f"input_shape must be non-empty positive ints, got {input_shape!r}")
+    return shape
+
+
+def _reject_training_mode(model: nn.Module) -> None:
+    offenders = [
+        Offender(path, type(m).__name__)
+        for path, m in model.named_modules()
+        if m.training
+        and (
+            isinstance(m, nn.modules.batchnorm._BatchNorm)
+            or (isinstance(m, _DROPOUT_TYPES) and m.p > 0)
+        )
+    ]
+    if offenders:
+        raise TrainingModeError(offenders)
+
+
+def _reject_hooks(model: nn.Module) -> None:
+    hooked = [
+        Offender(path, type(m).__name__, "has forward hooks, which tracing would ignore")
+        for path, m in model.named_modules()
+        if m._forward_hooks or m._forward_pre_hooks
+    ]
+    if hooked:
+        raise UnsupportedLayerError(hooked)
+
+
+# --------------------------------------------------------------------------- tracing
+
+
+class _Tracer(fx.Tracer):
+    """Leaves: modules with a registered lowering and torch.nn's own modules (which then
+    fail lowering if unsupported). Custom modules are traced through."""
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        if module_lowering(m) is not None:
+            return True
+        return super().is_leaf_module(m, qualname)
+
+
+def _trace(model: nn.Module) -> fx.GraphModule:
+    tracer = _Tracer()
+    try:
+        graph = tracer.trace(model)
+    except fx.proxy.TraceError as e:
+        path, mtype = next(reversed(tracer.module_stack.values()), ("", type(model)))
+        kind = getattr(mtype, "__name__", str(mtype))
+        raise UnsupportedLayerError(
+            [Offender(path, kind, "data-dependent control flow")],
+            detail=f"(torch.fx: {e})",
+        ) from e
+    return fx.GraphModule(model, graph)
+
+
+def _callable_name(f) -> str:
+    name = getattr(f, "__name__", repr(f))
+    for prefix, mod in (("F", nn.functional), ("torch", torch), ("operator", operator)):
+        if getattr(mod, name, None) is f:
+            return f"{prefix}.{name}"
+    return getattr(f, "__module__", "") + "." + name if getattr(f, "__module__", None) else name
+
+
+# --------------------------------------------------------------------------- lowering
+
+
+class _Lowering:
+    """Walks the traced graph and emits IR nodes; the ``ctx`` handed to every lowering.
+
+    Lowerings use: ``shape(v)``, ``out_shape``, ``value(arg)``, ``is_value(arg)``,
+    ``param(t)``, ``affine(x, op, bias)``, ``relu(x, slope)``, ``maxpool(x, window)``,
+    ``add(a, b)``, ``unsupported(reason)``, ``require_batch_preserved()``.
+    """
+
+    def __init__(self, gm: fx.GraphModule, input_shape: tuple[int, ...]):
+        self.gm = gm
+        self.input_shape = input_shape
+        self.nodes: list[Node] = []
+        self.env: dict[fx.Node, object] = {}
+        self.offenders: list[Offender] = []
+        self._fx: fx.Node | None = None
+        self._path = ""
+
+    # -- the ctx interface -------------------------------------------------------------
+
+    def shape(self, value: int) -> tuple[int, ...]:
+        return self.input_shape if value == 0 else self.nodes[value - 1].out_shape
+
+    @property
+    def out_shape(self) -> tuple[int, ...]:
+        return tuple(self._fx.meta["tensor_meta"].shape[1:])
+
+    def is_value(self, arg) -> bool:
+        return isinstance(arg, fx.Node) and isinstance(self.env.get(arg), int)
+
+    def value(self, arg) -> int:
+        if not self.is_value(arg):
+            self.unsupported("an argument that is not a tensor computed from the input")
+        return self.env[arg]
+
+    @staticmethod
+    def param(t: Tensor) -> Tensor:
+        return t.detach().to(device="cpu", dtype=torch.float64).clone()
+
+    def unsupported(self, reason: str):
+        raise _Unsupported(reason)
+
+    def require_batch_preserved(self) -> None:
+        meta = self._fx.meta["tensor_meta"].shape
+        n_in = prod(self.shape(self.value(self._fx.args[0])))
+        if meta[0] != TRACE_BATCH or prod(meta[1:]) != n_in:
+            self.unsupported(f"reshape to {tuple(meta)} mixes examples of the batch")
+
+    def _emit(self, node: Node) -> int:
+        self.nodes.append(node)
+        return len(self.nodes)
+
+    def affine(self, x: int, op: LinearOperator, bias: Tensor | None) -> int:
+        return self._emit(Affine(self._path, (x,), op.in_shape, op.out_shape, op, bias))
+
+    def relu(self, x: int, negative_slope: float) -> int:
+        s = self.shape(x)
+        return self._emit(ReLU(self._path, (x,), s, s, negative_slope))
+
+    def maxpool(self, x: int, window: Tensor) -> int:
+        return self._emit(MaxPool(self._path, (x,), self.shape(x), self.out_shape, window))
+
+    def add(self, a: int, b: int) -> int:
+        s = self.shape(a)
+        return self._emit(Add(self._path, (a, b), s, s))
+
+    # -- the walk ----------------------------------------------------------------------
+
+    def run(self, source: str) -> Program:
+        output = None
+        for n in self.gm.graph.nodes:
+            self._fx = n
+            self._path = self._module_path(n)
+            if n.op == "placeholder":
+                self.env[n] = 0 if not self.env else self._offend(n, "a second input")
+            elif n.op == "get_attr":
+                self.env[n] = _CONST
+            elif n.op == "output":
+                output = self._output(n)
+            else:
+                self.env[n] = self._lower(n)
+        if self.offenders:
+            raise UnsupportedLayerError(self.offenders)
+        return Program(self.input_shape, tuple(self.nodes), output, source)
+
+    def _module_path(self, n: fx.Node) -> str:
+        if n.op == "call_module":
+            return str(n.target)
+        stack = n.meta.get("nn_module_stack") or {}
+        return next(reversed(stack.values()))[0] if stack else ""
+
+    def _kind(self, n: fx.Node) -> str:
+        if n.op == "call_module":
+            return type(self.gm.get_submodule(n.target)).__name__
+        if n.op == "call_method":
+            return f"Tensor.{n.target}"
+        return _callable_name(n.target)
+
+    def _offend(self, n: fx.Node, reason: str = "") -> object:
+        self.offenders.append(Offender(self._path, self._kind(n), reason))
+        return _POISON
+
+    def _output(self, n: fx.Node) -> int | None:
+        (out,) = n.args
+        if self.offenders:
+            return None
+        if not self.is_value(out):
+            self._offend(n, "the model must return one tensor")
+            return None
+        return self.env[out]
+
+    def _lower(self, n: fx.Node) -> object:
+        deps = n.all_input_nodes
+        if any(self.env.get(d) is _POISON for d in deps):
+            return _POISON
+        is_tensor = isinstance(n.meta.get("tensor_meta"), torch.fx.passes.shape_prop.TensorMetadata)
+        if not is_tensor:
+            return self._size_computation(n)
+        try:
+            if n.op == "call_module":
+                module = self.gm.get_submodule(n.target)
+                fn = module_lowering(module)
+                if fn is None:
+                    return self._offend(n)
+                if len(n.args) != 1 or n.kwargs:
+                    self.unsupported("called with more than one argument")
+                return fn(self, module, self.value(n.args[0]))
+            table = FUNCTION_LOWERINGS if n.op == "call_function" else METHOD_LOWERINGS
+            fn = table.get(n.target)
+            if fn is None:
+                return self._offend(n)
+            return fn(self, *n.args, **n.kwargs)
+        except _Unsupported as e:
+            return self._offend(n, str(e))
+        except TypeError as e:  # a call signature the lowering does not take
+            return self._offend(n, f"unsupported arguments ({e})")
+
+    def _size_computation(self, n: fx.Node) -> object:
+        """A node yielding no tensor: fine if it only reads sizes for a reshape."""
+        if n.op == "call_method" and n.target in _SIZE_METHODS:
+            return None
+        if n.op == "call_function" and n.target is getattr and n.args[1] == "shape":
+            return None
+        if all(not self.is_value(d) and self.env.get(d) is not _CONST for d in n.all_input_nodes):
+            return None  # arithmetic on sizes
+        return self._offend(n, "a non-tensor result computed from tensor data")

@@ -1,0 +1,79 @@
+"""Exceptions raised by the compiler."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Offender:
+    """One thing the compiler could not lower.
+
+    Attributes:
+        path: dotted module path in the user's model ('' for the model itself).
+        kind: the module's type name, or the function / method called.
+        reason: optional detail (e.g. "padding_mode='reflect'").
+    """
+
+    path: str
+    kind: str
+    reason: str = ""
+
+    def __str__(self) -> str:
+        where = repr(self.path) if self.path else "'<model>'"
+        detail = f": {self.reason}" if self.reason else ""
+        return f"{where} ({self.kind}{detail})"
+
+
+SUPPORTED = (
+    "Supported: Linear; Conv1d/Conv2d (padding_mode='zeros'); BatchNorm1d/BatchNorm2d in eval "
+    "mode with running statistics; ReLU; LeakyReLU; MaxPool1d/MaxPool2d; AvgPool1d/AvgPool2d; "
+    "AdaptiveAvgPool1d/AdaptiveAvgPool2d; Flatten; Dropout in eval mode; Identity; the functions "
+    "F.relu, F.leaky_relu, F.max_pool1d/2d, F.avg_pool1d/2d, F.adaptive_avg_pool1d/2d, "
+    "torch.flatten, x.view/x.reshape/x.flatten that keep the batch dimension; and the sum "
+    "a + b of two tensors of the same shape."
+)
+
+
+class UnsupportedLayerError(TypeError):
+    """The model uses something that is not a piecewise-linear layer this compiler knows.
+
+    ``offenders`` lists every offending module or call, in graph order; the message
+    names each by its module path and type and says what is supported.
+    """
+
+    noun = ("module", "modules")
+    summary = "Only piecewise-linear layers are supported."
+
+    def __init__(self, offenders: Sequence[Offender], detail: str = ""):
+        self.offenders = tuple(offenders)
+        n = len(self.offenders)
+        listed = ", ".join(str(o) for o in self.offenders)
+        noun = self.noun[0] if n == 1 else self.noun[1]
+        msg = f"Cannot linearize {n} {noun}: {listed}. {self.summary}"
+        if detail:
+            msg += f" {detail}"
+        super().__init__(f"{msg} {SUPPORTED}" if type(self) is UnsupportedLayerError else msg)
+
+
+class TrainingModeError(UnsupportedLayerError):
+    """A layer whose eval-mode map is affine is in training mode (BatchNorm, Dropout).
+
+    In training mode batch-norm normalises with the statistics of the batch and
+    dropout zeroes random units: neither is a fixed piecewise-linear map.
+    """
+
+    noun = ("module in training mode", "modules in training mode")
+    summary = (
+        "In training mode batch-norm uses batch statistics and dropout is random, so the "
+        "network is not a fixed piecewise-linear function; call model.eval() first."
+    )
+
+
+class CompileError(RuntimeError):
+    """The compiled program disagreed with the model on the check input (a compiler bug)."""
+
+
+class LintError(ValueError):
+    """A program is malformed (shapes do not chain, nodes out of order, mixed dtypes)."""

@@ -1,0 +1,54 @@
+"""nn.Linear: a dense matrix acting on the last dimension."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from math import prod
+
+import scipy.sparse as sp
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from linearize.ir import LinearOperator
+from linearize.registry import register_module
+
+
+@dataclass(frozen=True, eq=False)
+class Dense(LinearOperator):
+    """``y[..., i] = sum_j weight[i, j] x[..., j]``: a matrix on the last dimension.
+
+    Attributes:
+        weight: (out_features, in_features). ``in_shape = (*lead, in_features)``,
+            ``out_shape = (*lead, out_features)``; the explicit matrix is
+            ``kron(I_prod(lead), weight)``.
+    """
+
+    weight: Tensor = None  # type: ignore[assignment]
+
+    def apply(self, x: Tensor) -> Tensor:
+        return F.linear(x, self.weight)
+
+    def apply_transpose(self, g: Tensor) -> Tensor:
+        return g @ self.weight
+
+    def matrix(self) -> sp.csr_array:
+        w = sp.csr_array(self.weight.detach().cpu().double().numpy())
+        lead = prod(self.in_shape[:-1])
+        return sp.csr_array(sp.kron(sp.eye_array(lead), w)) if lead > 1 else w
+
+    def describe(self) -> str:
+        o, i = self.weight.shape
+        return f"Linear {i}->{o}"
+
+    @property
+    def nnz(self) -> int:
+        return prod(self.in_shape[:-1]) * self.weight.numel()
+
+
+@register_module(nn.Linear)
+def lower_linear(ctx, module: nn.Linear, x: int) -> int:
+    in_shape = ctx.shape(x)
+    out_shape = (*in_shape[:-1], module.out_features)
+    op = Dense(in_shape, out_shape, ctx.param(module.weight))
+    bias = None if module.bias is None else ctx.param(module.bias)
+    return ctx.affine(x, op, bias)
