@@ -1,0 +1,253 @@
+"""Reference architectures for Fashion-MNIST, built only from piecewise-linear layers.
+
+Every model is a flat ``nn.Sequential`` with named layers (``conv1``, ``bn1``,
+``relu1``, ``pool1``, ..., ``fc``) made only of ``Linear``, ``Conv2d``,
+``BatchNorm1d/2d``, ``ReLU``, ``MaxPool2d``, ``AvgPool2d``, ``AdaptiveAvgPool2d`` and
+``Flatten``, so ``linearize.compile`` handles all of them. Input: float ``(B, 1, 28, 28)``
+with pixels in ``[0, 1]``; output: logits ``(B, num_classes)``.
+
+=========  ==================================================================
+``plnn``   the OpenBox paper's fully connected ReLU net, 784-256-128-100-C
+``cnn``    the reference CNN, 2 x [conv3x3 - BN - ReLU - maxpool2] - linear
+``lenet``  LeNet-5 style, 2 x [conv5x5 - ReLU - avgpool2] - 120 - 84 - C
+``gap``    3 x [conv3x3 - BN - ReLU] (maxpool after the first two) - global
+           average pool - linear (class activation maps apply)
+=========  ==================================================================
+
+``build_model(name, num_classes=10, **kwargs)`` builds one; ``MODELS[name].description``
+says in one line what it is, with its parameter count at the default settings.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+__all__ = [
+    "INPUT_SHAPE",
+    "MODELS",
+    "MODEL_NAMES",
+    "ModelSpec",
+    "build_model",
+    "count_parameters",
+    "describe_models",
+]
+
+INPUT_SHAPE: tuple[int, int, int] = (1, 28, 28)
+"""(channels, height, width) of the images every reference model takes."""
+
+IN_CHANNELS, IMAGE_SIZE = INPUT_SHAPE[0], INPUT_SHAPE[1]
+DEFAULT_NUM_CLASSES = 10
+
+PLNN_HIDDEN = (256, 128, 100)
+CNN_CHANNELS = (16, 32)
+CNN_KERNEL = 3
+POOL = 2  # kernel and stride of every 2x2 pooling layer
+LENET_CHANNELS = (6, 16)
+LENET_KERNEL = 5
+LENET_PADDING = 2  # pads 28x28 to LeNet-5's 32x32 receptive layout
+LENET_HIDDEN = (120, 84)
+GAP_CHANNELS = (16, 32, 64)
+POOL_KINDS = ("max", "avg")
+
+
+def _pool(kind: str) -> nn.Module:
+    if kind == "max":
+        return nn.MaxPool2d(POOL)
+    if kind == "avg":
+        return nn.AvgPool2d(POOL)
+    raise ValueError(f"pool must be one of {POOL_KINDS}, got {kind!r}")
+
+
+def _positive_ints(name: str, values: Sequence[int], length: int | None = None) -> tuple[int, ...]:
+    values = tuple(int(v) for v in values)
+    if (length is not None and len(values) != length) or not values or min(values) < 1:
+        want = f"{length} positive integers" if length else "positive integers"
+        raise ValueError(f"{name} must be {want}, got {values}")
+    return values
+
+
+def _check_classes(num_classes: int) -> int:
+    if int(num_classes) < 1:
+        raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+    return int(num_classes)
+
+
+def plnn(
+    num_classes: int = DEFAULT_NUM_CLASSES, *, hidden: Sequence[int] = PLNN_HIDDEN
+) -> nn.Sequential:
+    """Fully connected ReLU net: Flatten -> 784-256-128-100 (ReLU after each) -> num_classes."""
+    num_classes = _check_classes(num_classes)
+    hidden = _positive_ints("hidden", hidden)
+    layers: OrderedDict[str, nn.Module] = OrderedDict(flatten=nn.Flatten())
+    width = IN_CHANNELS * IMAGE_SIZE * IMAGE_SIZE
+    for i, h in enumerate(hidden, start=1):
+        layers[f"fc{i}"] = nn.Linear(width, h)
+        layers[f"relu{i}"] = nn.ReLU()
+        width = h
+    layers["fc"] = nn.Linear(width, num_classes)
+    return nn.Sequential(layers)
+
+
+def cnn(num_classes: int = DEFAULT_NUM_CLASSES, *, channels: Sequence[int] = CNN_CHANNELS,
+        batch_norm: bool = True, pool: str = "max") -> nn.Sequential:
+    """The reference CNN.
+
+    ``[Conv2d(1, c1, 3, padding=1) -> BatchNorm2d -> ReLU -> MaxPool2d(2)]``
+    ``-> [Conv2d(c1, c2, 3, padding=1) -> BatchNorm2d -> ReLU -> MaxPool2d(2)]``
+    ``-> Flatten -> Linear(c2 * 7 * 7, num_classes)``.
+
+    Args:
+        channels: ``(c1, c2)``, default ``(16, 32)``.
+        batch_norm: include the BatchNorm2d layers.
+        pool: ``"max"`` (default) or ``"avg"`` pooling.
+    """
+    num_classes = _check_classes(num_classes)
+    channels = _positive_ints("channels", channels, length=2)
+    layers: OrderedDict[str, nn.Module] = OrderedDict()
+    width, size = IN_CHANNELS, IMAGE_SIZE
+    for i, c in enumerate(channels, start=1):
+        layers[f"conv{i}"] = nn.Conv2d(width, c, CNN_KERNEL, padding=CNN_KERNEL // 2)
+        if batch_norm:
+            layers[f"bn{i}"] = nn.BatchNorm2d(c)
+        layers[f"relu{i}"] = nn.ReLU()
+        layers[f"pool{i}"] = _pool(pool)
+        width, size = c, size // POOL
+    layers["flatten"] = nn.Flatten()
+    layers["fc"] = nn.Linear(width * size * size, num_classes)
+    return nn.Sequential(layers)
+
+
+def lenet(num_classes: int = DEFAULT_NUM_CLASSES, *, channels: Sequence[int] = LENET_CHANNELS,
+          hidden: Sequence[int] = LENET_HIDDEN) -> nn.Sequential:
+    """LeNet-5 style CNN with average pooling.
+
+    ``Conv2d(1, 6, 5, padding=2) -> ReLU -> AvgPool2d(2) -> Conv2d(6, 16, 5) -> ReLU ->
+    AvgPool2d(2) -> Flatten -> Linear(400, 120) -> ReLU -> Linear(120, 84) -> ReLU ->
+    Linear(84, num_classes)``.
+    """
+    num_classes = _check_classes(num_classes)
+    channels = _positive_ints("channels", channels, length=2)
+    hidden = _positive_ints("hidden", hidden)
+    layers: OrderedDict[str, nn.Module] = OrderedDict()
+    width, size = IN_CHANNELS, IMAGE_SIZE
+    for i, (c, pad) in enumerate(zip(channels, (LENET_PADDING, 0), strict=True), start=1):
+        layers[f"conv{i}"] = nn.Conv2d(width, c, LENET_KERNEL, padding=pad)
+        layers[f"relu{i}"] = nn.ReLU()
+        layers[f"pool{i}"] = nn.AvgPool2d(POOL)
+        width, size = c, (size + 2 * pad - LENET_KERNEL + 1) // POOL
+    layers["flatten"] = nn.Flatten()
+    features = width * size * size
+    for i, h in enumerate(hidden, start=1):
+        layers[f"fc{i}"] = nn.Linear(features, h)
+        layers[f"relu_fc{i}"] = nn.ReLU()
+        features = h
+    layers["fc"] = nn.Linear(features, num_classes)
+    return nn.Sequential(layers)
+
+
+def gap(num_classes: int = DEFAULT_NUM_CLASSES, *, channels: Sequence[int] = GAP_CHANNELS,
+        batch_norm: bool = True) -> nn.Sequential:
+    """CNN with a global-average-pooling head (class activation maps apply).
+
+    ``[Conv2d(3x3, padding=1) -> BatchNorm2d -> ReLU -> MaxPool2d(2)]`` for every channel
+    width but the last, then ``Conv2d(3x3, padding=1) -> BatchNorm2d -> ReLU ->
+    AdaptiveAvgPool2d(1) -> Flatten -> Linear(c_last, num_classes)``.
+    Default widths ``(16, 32, 64)``: feature maps 28 -> 14 -> 7, the CAM grid is 7x7.
+    """
+    num_classes = _check_classes(num_classes)
+    channels = _positive_ints("channels", channels)
+    layers: OrderedDict[str, nn.Module] = OrderedDict()
+    width = IN_CHANNELS
+    for i, c in enumerate(channels, start=1):
+        layers[f"conv{i}"] = nn.Conv2d(width, c, CNN_KERNEL, padding=CNN_KERNEL // 2)
+        if batch_norm:
+            layers[f"bn{i}"] = nn.BatchNorm2d(c)
+        layers[f"relu{i}"] = nn.ReLU()
+        if i < len(channels):
+            layers[f"pool{i}"] = nn.MaxPool2d(POOL)
+        width = c
+    layers["gap"] = nn.AdaptiveAvgPool2d(1)
+    layers["flatten"] = nn.Flatten()
+    layers["fc"] = nn.Linear(width, num_classes)
+    return nn.Sequential(layers)
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A registered architecture.
+
+    Attributes:
+        name: registry key.
+        builder: ``builder(num_classes, **kwargs) -> nn.Module``.
+        description: one line, with the parameter count at 10 classes and default kwargs.
+        default_parameters: that parameter count (tests check it against the built model).
+    """
+
+    name: str
+    builder: Callable[..., nn.Module]
+    description: str
+    default_parameters: int
+
+
+MODELS: dict[str, ModelSpec] = {
+    spec.name: spec
+    for spec in (
+        ModelSpec("plnn", plnn, "fully connected ReLU net 784-256-128-100-10 "
+                  "(OpenBox paper), 247,766 parameters", 247_766),
+        ModelSpec("cnn", cnn, "2 x [conv3x3-BN-ReLU-maxpool2] (16, 32 channels) - linear, "
+                  "20,586 parameters", 20_586),
+        ModelSpec("lenet", lenet, "LeNet-5 style, 2 x [conv5x5-ReLU-avgpool2] - 120 - 84 - 10, "
+                  "61,706 parameters", 61_706),
+        ModelSpec("gap", gap, "3 x [conv3x3-BN-ReLU] (16, 32, 64 channels, maxpool2 after the "
+                  "first two) - global average pool - linear, 24,170 parameters", 24_170),
+    )
+}
+"""Registry: name -> :class:`ModelSpec`."""
+
+MODEL_NAMES: tuple[str, ...] = tuple(MODELS)
+
+
+def build_model(name: str, num_classes: int = DEFAULT_NUM_CLASSES, *, seed: int | None = None,
+                **kwargs) -> nn.Module:
+    """Build a registered architecture with fresh weights.
+
+    Args:
+        name: one of :data:`MODEL_NAMES`.
+        num_classes: number of logits C.
+        seed: if given, initialise the weights from ``torch.manual_seed(seed)`` without
+            touching the global RNG state (so equal seeds give equal weights).
+        **kwargs: architecture options (e.g. ``channels=(8, 16)`` for ``cnn``).
+
+    Returns:
+        The model (train mode, float32, CPU), mapping ``(B, 1, 28, 28) -> (B, num_classes)``.
+
+    Raises:
+        ValueError: unknown name or invalid option.
+    """
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r}; expected one of {MODEL_NAMES}")
+    builder = MODELS[name].builder
+    try:
+        if seed is None:
+            return builder(num_classes, **kwargs)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return builder(num_classes, **kwargs)
+    except TypeError as exc:
+        raise ValueError(f"invalid options for model {name!r}: {exc}") from exc
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Number of trainable scalars (BatchNorm running statistics are buffers, not counted)."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def describe_models() -> str:
+    """One line per registered model: ``name  description``."""
+    width = max(len(n) for n in MODEL_NAMES)
+    return "\n".join(f"{n:<{width}}  {MODELS[n].description}" for n in MODEL_NAMES)
