@@ -11,14 +11,16 @@ method (``linearize.ops``); every node that has none is collected, and one
 from __future__ import annotations
 
 import copy
+import inspect
 import operator
 from collections.abc import Sequence
+from dataclasses import dataclass
 from math import prod
 
 import torch
 import torch.fx as fx
 from torch import Tensor, nn
-from torch.fx.passes.shape_prop import ShapeProp
+from torch.fx.passes.shape_prop import ShapeProp, TensorMetadata
 
 import linearize.ops  # noqa: F401  (registers the lowerings)
 from linearize import passes
@@ -29,6 +31,10 @@ from linearize.tolerances import within
 
 TRACE_BATCH = 3
 """Batch size of the shape-finding run; a reshape that changes it mixed examples."""
+
+ALT_BATCH = 2
+"""Batch size of a second run: a reshape whose leading size equals the batch only by
+coincidence (``x.view(x.size(1), -1)`` on 3 channels) does not keep both."""
 
 _CHECK_SEED = 20180217
 
@@ -88,27 +94,33 @@ def compile(  # noqa: A001  (the public name is fixed by the API contract)
         with torch.no_grad():
             ShapeProp(gm).propagate(example)
     except Exception as e:  # noqa: BLE001  (torch raises many types for a shape mismatch)
+        cause = e.__cause__ or e.__context__ or e  # ShapeProp re-raises a generic RuntimeError
         raise ValueError(
             f"input_shape {input_shape} does not fit {type(model).__name__}: running it on a "
-            f"batch of shape {tuple(example.shape)} failed with {type(e).__name__}: {e}"
+            f"batch of shape {tuple(example.shape)} failed with {type(cause).__name__}: {cause}"
         ) from e
+    alt_batch = _leading_sizes(gm, example[:ALT_BATCH].clone())
 
-    lowering = _Lowering(gm, input_shape)
+    lowering = _Lowering(gm, input_shape, alt_batch)
     program = lowering.run(source=type(model).__name__)
     program.lint()
     if fold_batchnorm:
         program = passes.fold_batchnorm(program)
         program.lint()
     if check:
+        # against the model itself, not its trace: tracing does not see aliasing through
+        # in-place updates (``b = a; a += x`` traces as ``a = a + x``)
         with torch.no_grad():
-            want = gm(example)
-            got = program(example)
+            want = work(example.clone())
+            got = program(example.clone())
         if got.shape != want.shape or not bool(within(got, want).all()):
             err = (got - want).abs().max().item() if got.shape == want.shape else float("nan")
             raise CompileError(
                 f"compiled program disagrees with {type(model).__name__} on the check batch "
-                f"(max abs error {err:.3e}); this is a compiler bug, please report it with the "
-                f"model definition.\n{program.summary()}"
+                f"(max abs error {err:.3e}). Either the model updates a tensor in place that "
+                f"it reads again through another name (e.g. b = a; a += x), which tracing "
+                f"does not see, or this is a compiler bug: please report it with the model "
+                f"definition.\n{program.summary()}"
             )
     return program
 
@@ -119,7 +131,7 @@ def compile(  # noqa: A001  (the public name is fixed by the API contract)
 def _check_shape(input_shape: Sequence[int]) -> tuple[int, ...]:
     try:
         shape = tuple(int(s) for s in input_shape)
-    except TypeError as e:
+    except (TypeError, ValueError) as e:
         raise ValueError(f"input_shape must be a sequence of ints, got {input_shape!r}") from e
     if not shape or any(s <= 0 for s in shape):
         raise ValueError(f"input_shape must be non-empty positive ints, got {input_shape!r}")
@@ -167,14 +179,59 @@ def _trace(model: nn.Module) -> fx.GraphModule:
     tracer = _Tracer()
     try:
         graph = tracer.trace(model)
-    except fx.proxy.TraceError as e:
+    except (fx.proxy.TraceError, RuntimeError, TypeError) as e:
+        # TraceError: a branch on tensor data; RuntimeError / TypeError: len(x), int(x),
+        # x.numpy() and the like, which need a concrete tensor
         path, mtype = next(reversed(tracer.module_stack.values()), ("", type(model)))
         kind = getattr(mtype, "__name__", str(mtype))
+        reason = ("data-dependent control flow" if isinstance(e, fx.proxy.TraceError)
+                  else "uses the value of a tensor as a Python object")
         raise UnsupportedLayerError(
-            [Offender(path, kind, "data-dependent control flow")],
+            [Offender(path, kind, reason)],
             detail=f"(torch.fx: {e})",
         ) from e
     return fx.GraphModule(model, graph)
+
+
+class _LeadingSizes(fx.Interpreter):
+    def __init__(self, gm: fx.GraphModule):
+        super().__init__(gm)
+        self.sizes: dict[fx.Node, int] = {}
+
+    def run_node(self, n: fx.Node):
+        result = super().run_node(n)
+        if isinstance(result, Tensor) and result.dim():
+            self.sizes[n] = result.shape[0]
+        return result
+
+
+def _leading_sizes(gm: fx.GraphModule, example: Tensor) -> dict[fx.Node, int]:
+    """Leading size of every tensor the traced model computes on ``example``; {} if it fails
+    (then every reshape is taken to mix examples)."""
+    run = _LeadingSizes(gm)
+    try:
+        with torch.no_grad():
+            run.run(example)
+    except Exception:  # noqa: BLE001  (a model that runs at one batch size but not another)
+        return {}
+    return run.sizes
+
+
+def _writes_first_argument(n: fx.Node, gm: fx.GraphModule) -> bool:
+    """Is this an in-place call that overwrites its first argument (``x.relu_()``,
+    ``F.relu(x, inplace=True)``, ``nn.ReLU(inplace=True)``)?"""
+    if not n.args or not isinstance(n.args[0], fx.Node):
+        return False
+    if n.op == "call_module":
+        return getattr(gm.get_submodule(n.target), "inplace", False) is True
+    name = n.target if n.op == "call_method" else getattr(n.target, "__name__", "")
+    if name in ("iadd", "__iadd__") or (name.endswith("_") and not name.endswith("__")):
+        return True
+    try:
+        bound = inspect.signature(n.target).bind(*n.args, **n.kwargs)
+    except (TypeError, ValueError):  # a method name, or a builtin without a signature
+        return False
+    return bound.arguments.get("inplace") is True
 
 
 def _callable_name(f) -> str:
@@ -188,6 +245,14 @@ def _callable_name(f) -> str:
 # --------------------------------------------------------------------------- lowering
 
 
+@dataclass(frozen=True, eq=False)
+class _Unlowered(Node):
+    """Stands in for a traced tensor that could not be lowered, so that the nodes after it
+    are still lowered and every offender is reported. Never part of a returned program."""
+
+    kind = "unlowered"
+
+
 class _Lowering:
     """Walks the traced graph and emits IR nodes; the ``ctx`` handed to every lowering.
 
@@ -196,9 +261,11 @@ class _Lowering:
     ``add(a, b)``, ``unsupported(reason)``, ``require_batch_preserved()``.
     """
 
-    def __init__(self, gm: fx.GraphModule, input_shape: tuple[int, ...]):
+    def __init__(self, gm: fx.GraphModule, input_shape: tuple[int, ...],
+                 alt_batch: dict[fx.Node, int]):
         self.gm = gm
         self.input_shape = input_shape
+        self.alt_batch = alt_batch
         self.nodes: list[Node] = []
         self.env: dict[fx.Node, object] = {}
         self.offenders: list[Offender] = []
@@ -232,7 +299,8 @@ class _Lowering:
     def require_batch_preserved(self) -> None:
         meta = self._fx.meta["tensor_meta"].shape
         n_in = prod(self.shape(self.value(self._fx.args[0])))
-        if meta[0] != TRACE_BATCH or prod(meta[1:]) != n_in:
+        kept = meta[0] == TRACE_BATCH and self.alt_batch.get(self._fx) == ALT_BATCH
+        if not kept or prod(meta[1:]) != n_in:
             self.unsupported(f"reshape to {tuple(meta)} mixes examples of the batch")
 
     def _emit(self, node: Node) -> int:
@@ -268,6 +336,8 @@ class _Lowering:
                 output = self._output(n)
             else:
                 self.env[n] = self._lower(n)
+                if self.is_value(n) and _writes_first_argument(n, self.gm):
+                    self.env[n.args[0]] = self.env[n]  # later readers of x see the update
         if self.offenders:
             raise UnsupportedLayerError(self.offenders)
         return Program(self.input_shape, tuple(self.nodes), output, source)
@@ -283,10 +353,17 @@ class _Lowering:
             return type(self.gm.get_submodule(n.target)).__name__
         if n.op == "call_method":
             return f"Tensor.{n.target}"
+        if n.op == "output":
+            return "return"
         return _callable_name(n.target)
 
     def _offend(self, n: fx.Node, reason: str = "") -> object:
         self.offenders.append(Offender(self._path, self._kind(n), reason))
+        meta = n.meta.get("tensor_meta")
+        keeps_batch = isinstance(meta, TensorMetadata) and len(meta.shape) > 1
+        if keeps_batch and meta.shape[0] == TRACE_BATCH:
+            shape = tuple(meta.shape[1:])
+            return self._emit(_Unlowered(self._path, (), shape, shape))
         return _POISON
 
     def _output(self, n: fx.Node) -> int | None:
@@ -302,7 +379,7 @@ class _Lowering:
         deps = n.all_input_nodes
         if any(self.env.get(d) is _POISON for d in deps):
             return _POISON
-        is_tensor = isinstance(n.meta.get("tensor_meta"), torch.fx.passes.shape_prop.TensorMetadata)
+        is_tensor = isinstance(n.meta.get("tensor_meta"), TensorMetadata)
         if not is_tensor:
             return self._size_computation(n)
         try:

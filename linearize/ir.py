@@ -90,6 +90,15 @@ class LinearOperator(abc.ABC):
     def describe(self) -> str:
         """One short line: family and hyper-parameters, e.g. ``Conv2d 3x3 s1 p1``."""
 
+    def abs(self) -> LinearOperator:
+        """The operator whose matrix is ``|M|`` entrywise (same shapes).
+
+        Pushing a 0/1 indicator through it gives, exactly, which outputs depend on
+        the marked inputs (a sum of non-negative terms is 0 only if all are 0).
+        """
+        weights = {k: v.abs() for k, v in self.tensors().items() if v.is_floating_point()}
+        return dataclasses.replace(self, **weights)
+
     @property
     def nnz(self) -> int:
         """Structural non-zeros of :meth:`matrix`."""
@@ -157,6 +166,11 @@ class Affine(Node):
         if self.bias is None:
             return torch.zeros(self.out_shape, dtype=self.dtype, device=self.device)
         return self.bias.expand(self.out_shape)
+
+    @cached_property
+    def bias_flat(self) -> Tensor | None:
+        """Bias as a contiguous (prod(out_shape),) vector, or None."""
+        return None if self.bias is None else self.bias_full().reshape(-1).contiguous()
 
     @property
     def dtype(self) -> torch.dtype:
@@ -486,16 +500,19 @@ class Interpreter:
     ``torch.fx.Interpreter``.
     """
 
-    def run(self, program: Program, x: Tensor) -> Tensor:
+    def run(self, program: Program, x: Tensor, until: int | None = None) -> Tensor:
+        """Evaluate nodes ``0 .. until`` (default: all) on x; return the output value
+        (or, with ``until``, the value node ``until`` computes)."""
+        stop = len(program.nodes) if until is None else until + 1
         values: list[Tensor | None] = [x] + [None] * len(program.nodes)
         last = program.last_use
-        for k, node in enumerate(program.nodes):
+        for k, node in enumerate(program.nodes[:stop]):
             args = [values[i] for i in node.inputs]
             values[k + 1] = self.dispatch(k, node, args)
             for i in set(node.inputs):
                 if last[i] == k:
                     values[i] = None
-        return values[program.output]
+        return values[program.output if until is None else stop]
 
     def dispatch(self, k: int, node: Node, args: list[Tensor]) -> Tensor:
         if isinstance(node, Affine):

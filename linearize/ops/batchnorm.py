@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from math import prod
 
+import numpy as np
 import scipy.sparse as sp
 import torch
 from torch import Tensor, nn
@@ -31,7 +32,8 @@ class ChannelScale(LinearOperator):
 
     def matrix(self) -> sp.csr_array:
         diag = self.scale.detach().cpu().double().expand(self.in_shape).reshape(-1).numpy()
-        return sp.csr_array(sp.diags_array(diag))
+        n = diag.size  # keeps a zero scale as a structural entry, so nnz holds
+        return sp.csr_array((diag, np.arange(n), np.arange(n + 1)), shape=(n, n))
 
     def describe(self) -> str:
         return f"ChannelScale {self.in_shape[0]}"

@@ -57,20 +57,27 @@ class Conv(LinearOperator):
                     self.groups)
 
     def apply_transpose(self, g: Tensor) -> Tensor:
-        # Transpose onto the padded input, then drop the padding. The rows of the
-        # padded input past the last window are not read by the convolution; they
-        # come back as output_padding (< stride, as torch requires).
+        # conv_transpose maps back onto the padded input and drops `padding` from each
+        # side; rows past the last window are not read by the convolution and come
+        # back as output_padding (< stride, as torch requires). Asymmetric padding
+        # transposes onto the fully padded input and crops.
         k = self.weight.shape[2:]
-        padded = [n + a + b for n, (a, b) in zip(self.in_shape[1:], self.padding)]
+        before = [a for a, _ in self.padding]
+        after = [a if self._symmetric else b for a, b in self.padding]
+        lost = [0 if self._symmetric else a for a, _ in self.padding]
+        padded = [n + a + b for n, a, b in zip(self.in_shape[1:], before, after)]
         reach = [
             (o - 1) * s + d * (kk - 1) + 1
             for o, s, d, kk in zip(self.out_shape[1:], self.stride, self.dilation, k)
         ]
         out_pad = tuple(p - r for p, r in zip(padded, reach))
+        pad = tuple(before) if self._symmetric else 0
         y = _CONV_T[self.ndim](
-            g, self.weight, None, self.stride, 0, out_pad, self.groups, self.dilation
+            g, self.weight, None, self.stride, pad, out_pad, self.groups, self.dilation
         )
-        crop = tuple(slice(a, a + n) for n, (a, _) in zip(self.in_shape[1:], self.padding))
+        if self._symmetric:
+            return y
+        crop = tuple(slice(a, a + n) for n, a in zip(self.in_shape[1:], lost))
         return y[(slice(None), slice(None), *crop)]
 
     def matrix(self) -> sp.csr_array:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from math import prod
 
+import numpy as np
 import scipy.sparse as sp
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -32,7 +33,10 @@ class Dense(LinearOperator):
         return g @ self.weight
 
     def matrix(self) -> sp.csr_array:
-        w = sp.csr_array(self.weight.detach().cpu().double().numpy())
+        w = self.weight.detach().cpu().double().numpy()
+        rows, cols = np.indices(w.shape)
+        # every weight is a structural entry, zero or not (as in Conv.matrix), so nnz holds
+        w = sp.csr_array((w.ravel(), (rows.ravel(), cols.ravel())), shape=w.shape)
         lead = prod(self.in_shape[:-1])
         return sp.csr_array(sp.kron(sp.eye_array(lead), w)) if lead > 1 else w
 

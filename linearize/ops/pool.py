@@ -30,7 +30,9 @@ def _per_dim(v, n: int) -> tuple[int, ...]:
 
 def _channel_kron(spatial: sp.sparray, channels: int) -> sp.csr_array:
     """The same spatial map on every channel: kron(I_C, spatial) in (C, *spatial) order."""
-    return sp.csr_array(sp.kron(sp.eye_array(channels), spatial))
+    m = sp.csr_array(sp.kron(sp.eye_array(channels), spatial))
+    m.eliminate_zeros()  # scipy's kron stores the zeros of a dense-ish factor
+    return m
 
 
 def _separable(per_dim: Sequence[np.ndarray]) -> sp.csr_array:
@@ -100,10 +102,6 @@ class AvgPool(LinearOperator):
     def describe(self) -> str:
         k = "x".join(map(str, self.kernel))
         return f"AvgPool{len(self.kernel)}d {k} s{'x'.join(map(str, self.stride))}"
-
-    @property
-    def nnz(self) -> int:
-        return self.in_shape[0] * prod(self.out_shape[1:]) * prod(self.kernel)
 
 
 @dataclass(frozen=True, eq=False)
