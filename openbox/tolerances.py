@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
+from linearize.tolerances import PROGRAM_TOLERANCE
+
 
 @dataclass(frozen=True)
 class Tolerances:
@@ -20,14 +22,16 @@ class Tolerances:
     Attributes:
         verify_rtol, verify_atol: an output y (LLC or compiled program) matches the
             model's own output m when ``|y - m| <= verify_atol + verify_rtol * |m|``
-            elementwise (DESIGN.md: float64 1e-10 * (1 + |m|); float32 1e-4 absolute).
-        tie: two gate values a, b are *tied* (x lies on the facet between them) when
-            ``|a - b| <= tie * (1 + max(|a|, |b|))``; a gate input z is at its kink when
-            ``|z| <= tie``. Far above the rounding of one forward pass
+            elementwise (DESIGN.md: float64 1e-10 * (1 + |m|); float32 1e-4 absolute);
+            defined once, in ``linearize.tolerances``.
+        tie: a max-pool entry a is *tied* with the window maximum m (x lies on the
+            facet between them) when ``m - a <= tie * (1 + |m|)``; a ReLU input z is at
+            its kink when ``|z| <= tie``. Far above the rounding of one forward pass
             (~ sqrt(fan_in) * eps * scale), far below any real margin between units.
-        same_function: two tied max-pool entries whose derivatives along the
-            tie-break direction agree to ``same_function * (1 + max(|da|, |db|))`` are
-            treated as the same linear function (not a facet).
+        same_function: a tied max-pool entry whose derivative along the tie-break
+            direction is within ``same_function * (1 + |dm|)`` of the largest tied
+            derivative dm is the same linear function (not a facet); a tied ReLU
+            input with ``|dz| <= same_function`` is constant (not a facet).
         feasibility: a point satisfies ``a.x <= d`` when
             ``a.x - d <= feasibility * (1 + |d| + ||a||_1 * ||x||_inf)``; also the
             slack below which a constraint counts as tight in a polytope.
@@ -43,8 +47,8 @@ class Tolerances:
 
 
 FLOAT64 = Tolerances(
-    verify_rtol=1e-10,
-    verify_atol=1e-10,
+    verify_rtol=PROGRAM_TOLERANCE[torch.float64][0],
+    verify_atol=PROGRAM_TOLERANCE[torch.float64][1],
     tie=1e-12,  # ~4500 eps: rounding of deep float64 sums is ~1e-14
     same_function=1e-12,
     feasibility=1e-9,
@@ -52,8 +56,8 @@ FLOAT64 = Tolerances(
 )
 
 FLOAT32 = Tolerances(
-    verify_rtol=0.0,
-    verify_atol=1e-4,
+    verify_rtol=PROGRAM_TOLERANCE[torch.float32][0],
+    verify_atol=PROGRAM_TOLERANCE[torch.float32][1],
     tie=2e-6,  # ~16 eps: float32 rounding of one conv sum at Fashion-MNIST scale
     same_function=2e-6,
     feasibility=1e-5,

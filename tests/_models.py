@@ -25,9 +25,6 @@ from linearize.tolerances import PROGRAM_TOLERANCE
 
 MNIST_SHAPE = (1, 28, 28)
 
-# The tests run tiny tensors; on these 2-core machines torch's intra-op thread pool costs
-# ~1000x more than the work itself (a 5x3x9x7 float64 conv: 20 ms on 2 threads, 20 us on 1).
-torch.set_num_threads(1)
 
 
 # --------------------------------------------------------------------------- randomness

@@ -23,16 +23,6 @@ TRAIN_ROWS = 800  # sample rows used for training; the other 200 are held out
 TRAIN_FLOOR = 0.4  # one short epoch must beat chance (0.1) by a real margin
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Train on one thread: with 2 cores shared by other processes (pytest-xdist, CI),
-    OpenMP's 2-thread kernels wait on each other and run ~20x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def sample():
     return load_sample()

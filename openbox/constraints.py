@@ -1,0 +1,285 @@
+"""The polytope of a configuration: one linear constraint per gate input.
+
+For an input x with configuration c, the region ``P = {x' : config(x') = c}`` is
+
+* ReLU input z (on):   ``z(x') >= 0``;   (off): ``z(x') <= 0``
+* max-pool window with selected entry j, for every other valid entry i:
+  ``z_i(x') <= z_j(x')``
+
+where every z is an affine function of x' once the gates are fixed. Each
+constraint becomes a row ``a . x' <= d`` of ``A x' <= d``. The linear parts come
+from pushing the identity basis through the fixed network (n vectors, in chunks
+so memory stays bounded), the offsets from pushing x' = 0 with the biases on.
+Rows whose linear part is identically zero are dropped: they are the same
+function on both sides (e.g. two ReLUs that are both off) or a constant gate
+input, never a facet.
+
+Slack ``d - a . x`` is taken from the forward pass's own gate values (no
+cancellation); tied rows (x on the facet) get slack exactly 0.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from math import prod
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from linearize import MaxPool, Program, ReLU
+from openbox.configuration import Configuration
+from openbox.linear_maps import FixedForward, gate_support
+from openbox.tolerances import Tolerances
+
+ROW_SOURCE_DTYPE = np.dtype([("node", np.int32), ("unit", np.int64), ("partner", np.int64)])
+"""Per-row provenance: program node index of the gate; ``unit`` the flat gate-input
+index the row constrains (ReLU: the rectified unit; max-pool: the losing entry
+i); ``partner`` the selected entry j of a max-pool row, -1 for a ReLU row."""
+
+
+@dataclass(frozen=True, eq=False)
+class _GateRows:
+    """Constraint rows contributed by one gate node, for each of B inputs.
+
+    Rows ``start:stop`` of the layout. ReLU: ``sign`` (B, n) = +1 (on) / -1 (off),
+    row = -sign * a_unit with ``unit`` = arange(n). MaxPool: row = a_unit - a_partner,
+    ``unit`` and ``partner`` (B, m) flat gate-input indices. ``slack`` (B, m).
+    """
+
+    k: int
+    start: int
+    stop: int
+    unit: Tensor
+    partner: Tensor | None
+    sign: Tensor | None
+    slack: Tensor
+
+    def rows(self, z: Tensor, out: Tensor | None = None) -> Tensor:
+        """Rows for pushed vectors: z (B, K, n_k) gate inputs -> (B, K, stop - start).
+
+        With ``out`` (K, stop - start), a batch of one is written there directly.
+        """
+        if out is not None:
+            z0 = z[0]
+            if self.sign is not None:
+                if self.unit.numel() != z0.shape[1]:
+                    z0 = z0.index_select(1, self.unit)
+                return torch.mul(z0, -self.sign[0], out=out)
+            return torch.sub(z0.index_select(1, self.unit[0]), z0.index_select(1, self.partner[0]),
+                             out=out)
+        if self.sign is not None:
+            if self.unit.numel() != z.shape[2]:  # only the units with a non-zero linear part
+                z = z.index_select(2, self.unit)
+            return z * -self.sign.unsqueeze(1)
+        k = z.shape[1]
+        gather = lambda idx: z.gather(2, idx.unsqueeze(1).expand(-1, k, -1))  # noqa: E731
+        return gather(self.unit) - gather(self.partner)
+
+
+def _plan(
+    program: Program,
+    config: Configuration,
+    gate_inputs: dict[int, Tensor],
+    tol: Tolerances,
+    support: dict[int, Tensor] | None = None,
+) -> list[_GateRows]:
+    """Row layout, orientation and slack of every gate, for every input of ``config``.
+
+    ``gate_inputs[k]`` is (B, *in_shape). Without ``support`` the layout (row
+    counts) is the same for every input: a window contributes one row per valid
+    entry except the selected one. With ``support`` (B = 1 only; from
+    :func:`gate_support`) rows whose linear part is identically zero are left out.
+    """
+    if support is not None and config.batch_size != 1:
+        raise ValueError("row filtering by support needs a batch of one")
+    plans, start = [], 0
+    for k in program.gates:
+        node = program.nodes[k]
+        z = gate_inputs[k].reshape(config.batch_size, -1)
+        if isinstance(node, ReLU):
+            on = config.on[k].reshape(z.shape)
+            sign = torch.where(on, 1.0, -1.0).to(z.dtype)
+            slack = torch.where(z.abs() <= tol.tie, torch.zeros_like(z), sign * z)
+            unit = torch.arange(z.shape[1], device=z.device)
+            if support is not None:
+                unit = support[k][0].nonzero().flatten()
+                sign, slack = sign[:, unit], slack[:, unit]
+            plans.append(_GateRows(k, start, start + unit.numel(), unit, None, sign, slack))
+        elif isinstance(node, MaxPool):
+            sel = config.select[k]  # (B, n_out)
+            window = node.window.to(z.device).expand(sel.shape[0], -1, -1)  # (B, n_out, K)
+            cols = torch.arange(window.shape[2], device=z.device)
+            other = (window >= 0) & (cols != sel.unsqueeze(2))
+            j = config.index[k]  # (B, n_out)
+            if support is not None:
+                live = support[k][0]
+                other &= live[window.clamp_min(0)] | live[j].unsqueeze(2)
+            unit = window[other].reshape(sel.shape[0], -1)
+            partner = j.unsqueeze(2).expand_as(window)[other].reshape(unit.shape)
+            zj = z.gather(1, partner)
+            gap = zj - z.gather(1, unit)
+            slack = torch.where(gap <= tol.tie * (1 + zj.abs()), torch.zeros_like(gap), gap)
+            plans.append(_GateRows(k, start, start + unit.shape[1], unit, partner, None, slack))
+        start = plans[-1].stop
+    return plans
+
+
+def _plan_size(program: Program, config: Configuration, k: int) -> int:
+    """Rows gate node k has before zero rows are dropped."""
+    node = program.nodes[k]
+    if isinstance(node, ReLU):
+        return prod(node.in_shape)
+    return int((node.window >= 0).sum()) - node.window.shape[0]
+
+
+def _push(
+    program: Program,
+    forward: FixedForward,
+    plans: list[_GateRows],
+    v: Tensor,
+    sink,
+) -> None:
+    """Push v (B * K, *input_shape) through the fixed network up to its last gate and
+    hand each gate's inputs, (B, K, n_k), to ``sink(plan, z)`` as soon as they exist."""
+    by_node = {p.k: p for p in plans}
+    b = forward.config.batch_size
+
+    def hook(k, node, z):
+        sink(by_node[k], z.reshape(b, z.shape[1], -1))
+
+    forward.on_gate = hook
+    if plans:
+        forward.run(program, v, until=plans[-1].k)
+
+
+def _basis(program: Program, c0: int, c1: int, copies: int) -> Tensor:
+    """Unit vectors e_c0 .. e_(c1-1), repeated for ``copies`` inputs: (copies * K, *input_shape)."""
+    n = prod(program.input_shape)
+    eye = torch.zeros((c1 - c0, n), dtype=program.dtype, device=program.device)
+    eye[torch.arange(c1 - c0), torch.arange(c0, c1)] = 1
+    eye = eye.reshape(1, c1 - c0, *program.input_shape)
+    return eye.expand(copies, -1, *program.input_shape).reshape(-1, *program.input_shape)
+
+
+@dataclass(frozen=True, eq=False)
+class Constraints:
+    """The network's own constraints at one input: ``A x' <= d``.
+
+    Attributes:
+        A: (m, n) float array (a transposed C-ordered (n, m) buffer, so Fortran order).
+        d: (m,). slack: (m,) ``d - A x`` from the forward pass, 0 on tied rows.
+        source: (m,) structured array of ROW_SOURCE_DTYPE.
+        n_dropped: rows dropped as identically zero.
+    """
+
+    A: np.ndarray
+    d: np.ndarray
+    slack: np.ndarray
+    source: np.ndarray
+    n_dropped: int
+
+
+def build_constraints(
+    program: Program,
+    config: Configuration,
+    gate_inputs: dict[int, Tensor],
+    tol: Tolerances,
+    *,
+    chunk: int = 1024,
+) -> Constraints:
+    """All constraints of the single input of ``config`` (B = 1).
+
+    Args:
+        program: compiled network in the working dtype/device.
+        config: configuration of one input.
+        gate_inputs: node -> gate input values at x, (1, *in_shape) each.
+        chunk: basis vectors pushed at once (memory ~ chunk x largest activation).
+    """
+    if config.batch_size != 1:
+        raise ValueError(f"build_constraints takes one input, got {config.batch_size}")
+    support = gate_support(program, config)
+    plans = _plan(program, config, gate_inputs, tol, support)
+    m = plans[-1].stop if plans else 0
+    n_dropped = sum(_plan_size(program, config, k) for k in program.gates) - m
+    n = prod(program.input_shape)
+    np_dtype = np.float64 if program.dtype == torch.float64 else np.float32
+
+    # A transposed, C order: a chunk of basis vectors fills a contiguous block of rows
+    at = torch.empty((n, m), dtype=program.dtype)
+    linear = FixedForward(config, with_bias=False)
+    for c0 in range(0, n, chunk):
+        c1 = min(n, c0 + chunk)
+
+        def write(p, z, c0=c0, c1=c1):
+            p.rows(z, out=at[c0:c1, p.start : p.stop])
+
+        _push(program, linear, plans, _basis(program, c0, c1, 1), write)
+    d = np.empty(m, dtype=np_dtype)
+
+    def write_offset(p, z):  # a.x' + c <= 0  <=>  a.x' <= -c
+        d[p.start : p.stop] = -p.rows(z)[0, 0].cpu().numpy()
+
+    zero = torch.zeros((1, *program.input_shape), dtype=program.dtype, device=program.device)
+    _push(program, FixedForward(config, with_bias=True), plans, zero, write_offset)
+    source = np.empty(m, dtype=ROW_SOURCE_DTYPE)
+    slack = np.empty(m, dtype=np_dtype)
+    for p in plans:
+        rows = slice(p.start, p.stop)
+        source["node"][rows] = p.k
+        source["unit"][rows] = p.unit.reshape(-1).cpu().numpy()
+        source["partner"][rows] = -1 if p.partner is None else p.partner[0].cpu().numpy()
+        slack[rows] = p.slack[0].cpu().numpy()
+
+    return Constraints(at.numpy().T, d, slack, source, n_dropped)
+
+
+def certified_radii(
+    program: Program,
+    config: Configuration,
+    gate_inputs: dict[int, Tensor],
+    tol: Tolerances,
+    *,
+    chunk: int = 1024,
+) -> tuple[Tensor, Tensor]:
+    """Largest L2 and L-inf balls around each input inside its polytope, without A.
+
+    For one input at a time, pushes the identity basis (``chunk`` vectors at once)
+    and accumulates each row's ||a||_2^2 and ||a||_1; the radius is
+    ``min_i slack_i / ||a_i||_*`` (dual norm: L2 for the L2 ball, L1 for the L-inf
+    ball) over rows whose linear part is not identically zero. Memory ~ chunk x
+    largest activation; A is never stored.
+
+    Returns:
+        (radius_l2, radius_linf): (B,) each, 0 where the input lies on a facet.
+    """
+    n = prod(program.input_shape)
+    r2 = torch.full((config.batch_size,), float("inf"), dtype=program.dtype)
+    rinf = r2.clone()
+    for i in range(config.batch_size):
+        if config.n_tight[i] > 0:  # on a facet: the honest radius is 0, no push needed
+            r2[i] = rinf[i] = 0.0
+            continue
+        one = config[i]
+        plans = _plan(
+            program, one, {k: v[i : i + 1] for k, v in gate_inputs.items()}, tol,
+            gate_support(program, one),
+        )
+        sq = {p.k: torch.zeros_like(p.slack[0]) for p in plans}
+        l1 = {p.k: torch.zeros_like(p.slack[0]) for p in plans}
+
+        def accumulate(p, z, sq=sq, l1=l1):
+            rows = p.rows(z)
+            sq[p.k] += torch.linalg.vector_norm(rows[0], 2, dim=0).square()
+            l1[p.k] += torch.linalg.vector_norm(rows[0], 1, dim=0)
+
+        linear = FixedForward(one, with_bias=False)
+        for c0 in range(0, n, chunk):
+            _push(program, linear, plans, _basis(program, c0, min(n, c0 + chunk), 1), accumulate)
+        for p in plans:
+            if p.stop == p.start:
+                continue
+            slack = p.slack[0].clamp_min(0)
+            r2[i] = min(r2[i], (slack / sq[p.k].sqrt()).min().item())
+            rinf[i] = min(rinf[i], (slack / l1[p.k]).min().item())
+    return r2, rinf

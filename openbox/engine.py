@@ -1,0 +1,335 @@
+"""``OpenBox``: exact local linear classifiers, polytopes and certified radii of a network.
+
+>>> ob = openbox.OpenBox(model, input_shape=(1, 28, 28), dtype=torch.float64)
+>>> e = ob.explain(x)                 # x: (B, 1, 28, 28)
+>>> e.weight, e.bias                  # (B, C, 1, 28, 28), (B, C): f(x') = W x' + b on P_x
+>>> ob.polytope(x[0]).radius(norm=2)  # largest L2 ball around x[0] inside P_x
+>>> ob.verify(x).ok                   # W x + b and the compiled program match the model
+
+Everything is computed from the compiled program (:mod:`linearize`), never by
+autograd on the user's model; the model itself is used only as the reference
+that :meth:`OpenBox.verify` checks against.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+import linearize
+from openbox import tolerances
+from openbox.configuration import (
+    Configuration,
+    ConfigurationPass,
+    RegionKey,
+    tie_break_direction,
+)
+from openbox.constraints import build_constraints, certified_radii
+from openbox.linear_maps import compose_backward
+from openbox.polytope import Polytope
+
+
+@dataclass(frozen=True, eq=False)
+class Explanation:
+    """Local linear classifiers of a batch: ``f(x') = weight[b] x' + bias[b]`` on P_b.
+
+    Attributes:
+        inputs: (B, *input_shape) the explained inputs.
+        weight: (B, C, *input_shape) W_x, one row per class.
+        bias: (B, C) b_x.
+        logits: (B, C) the network's output at x.
+        region_key: length-B tuple of :class:`RegionKey`; equal <=> same configuration.
+        configuration: the gate states (after the tie-break, see
+            :mod:`openbox.configuration`).
+    """
+
+    inputs: Tensor
+    weight: Tensor
+    bias: Tensor
+    logits: Tensor
+    region_key: tuple[RegionKey, ...]
+    configuration: Configuration
+
+    def __len__(self) -> int:
+        return self.weight.shape[0]
+
+    @property
+    def n_tight(self) -> Tensor:
+        """(B,) int64: facets each input lies on (0 for an input inside its region)."""
+        return self.configuration.n_tight
+
+    @property
+    def on_boundary(self) -> Tensor:
+        """(B,) bool: the input lies on at least one facet (its certified radius is 0)."""
+        return self.n_tight > 0
+
+    @property
+    def prediction(self) -> Tensor:
+        """(B,) int64 predicted class."""
+        return self.logits.argmax(dim=1)
+
+    def predict(self, x: Tensor) -> Tensor:
+        """The local linear classifiers applied to x (B, *input_shape) -> (B, C).
+
+        Equals the network at x[b] whenever x[b] lies in the region of input b.
+        """
+        return torch.einsum("bcn,bn->bc", self.weight.flatten(2), x.flatten(1)) + self.bias
+
+
+@dataclass(frozen=True)
+class VerificationReport:
+    """Outcome of :meth:`OpenBox.verify`, in the working dtype.
+
+    Attributes:
+        max_abs_error: largest |difference| of both checks below.
+        llc_error: (B,) max |W_x x + b_x - model(x)| per input.
+        program_error: (B,) max |program(x) - model(x)| per input.
+        passed: (B,) bool, both within ``atol + rtol * |model(x)|`` elementwise.
+        rtol, atol: the tolerances used. dtype: the working dtype.
+        n_tight: (B,) facets each input lies on (the tie-broken LLC is still exact).
+    """
+
+    max_abs_error: float
+    llc_error: Tensor
+    program_error: Tensor
+    passed: Tensor
+    rtol: float
+    atol: float
+    dtype: torch.dtype
+    n_tight: Tensor
+
+    @property
+    def ok(self) -> bool:
+        return bool(self.passed.all())
+
+    def __str__(self) -> str:
+        n = len(self.passed)
+        return (
+            f"verify: {int(self.passed.sum())}/{n} inputs pass in {self.dtype} "
+            f"(max abs error {self.max_abs_error:.3e}; tolerance {self.atol:g} + "
+            f"{self.rtol:g} |f(x)|; {int((self.n_tight > 0).sum())} inputs on a facet)"
+        )
+
+
+class OpenBox:
+    """Exact interpretation of a piecewise-linear network.
+
+    Args:
+        model: the trained network (any module :func:`linearize.compile` accepts).
+            It is never modified; a private copy serves as the reference in verify().
+        input_shape: per-example input shape, e.g. (1, 28, 28).
+        dtype: working dtype, torch.float64 (exact to ~1e-10) or torch.float32.
+        device: where the computation runs (default: CPU). Inputs must be on it.
+        domain: optional input-domain box ``(lo, hi)`` (e.g. ``(0.0, 1.0)`` for pixels),
+            attached to polytopes *apart from* the network's own constraints.
+        direction: tie-break direction u (*input_shape); default
+            :func:`~openbox.configuration.tie_break_direction`.
+        batch_size: inputs per internal batch (memory ~ batch_size x C x largest
+            activation for explain).
+        chunk: basis vectors pushed at once when building polytopes and radii.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        input_shape: Sequence[int],
+        dtype: torch.dtype = torch.float64,
+        device: str | torch.device | None = None,
+        *,
+        domain: tuple[float, float] | None = None,
+        direction: Tensor | None = None,
+        batch_size: int = 64,
+        chunk: int = 1024,
+    ):
+        self.tol = tolerances.for_dtype(dtype)
+        self.dtype = dtype
+        self.device = torch.device(device) if device is not None else torch.device("cpu")
+        self.model = model
+        self.program = linearize.compile(model, input_shape).to(dtype, self.device)
+        self.input_shape = self.program.input_shape
+        if len(self.program.output_shape) != 1:
+            raise ValueError(
+                f"OpenBox explains classifiers with output (N, C); this model's output is "
+                f"(N, {', '.join(map(str, self.program.output_shape))})"
+            )
+        self.num_classes = self.program.output_shape[0]
+        if direction is None:
+            direction = tie_break_direction(self.input_shape, dtype, self.device)
+        else:
+            direction = torch.as_tensor(direction).to(dtype=dtype, device=self.device)
+            if tuple(direction.shape) != self.input_shape or not bool(
+                torch.isfinite(direction).all() and direction.abs().sum() > 0
+            ):
+                raise ValueError(
+                    f"direction must be a finite non-zero tensor of shape {self.input_shape}"
+                )
+        self.direction = direction
+        self.domain = domain
+        if batch_size < 1 or chunk < 1:
+            raise ValueError("batch_size and chunk must be positive")
+        self.batch_size = batch_size
+        self.chunk = chunk
+        self._reference: nn.Module | None = None
+
+    def __repr__(self) -> str:
+        return (
+            f"OpenBox({self.program.source}, input {self.input_shape}, {self.num_classes} "
+            f"classes, {self.dtype}, {self.device})"
+        )
+
+    # -- input checks --------------------------------------------------------------------
+
+    def _check(self, x: Tensor, name: str = "x") -> Tensor:
+        shape = f"(B, {', '.join(map(str, self.input_shape))})"
+        if not isinstance(x, Tensor):
+            raise ValueError(f"{name} must be a torch.Tensor of shape {shape}, got {type(x)}")
+        if x.dim() != len(self.input_shape) + 1 or tuple(x.shape[1:]) != self.input_shape:
+            raise ValueError(f"{name} must have shape {shape}, got {tuple(x.shape)}")
+        if x.dtype != self.dtype:
+            raise ValueError(
+                f"{name} must have dtype {self.dtype} (this OpenBox's working dtype), got "
+                f"{x.dtype}; convert with x.to({self.dtype})"
+            )
+        if x.device != self.device and not (
+            x.device.type == self.device.type and self.device.index is None
+        ):
+            raise ValueError(f"{name} must be on device {self.device}, got {x.device}")
+        if not bool(torch.isfinite(x).all()):
+            bad = (~torch.isfinite(x)).reshape(x.shape[0], -1).any(1).nonzero().flatten()
+            raise ValueError(f"{name} contains NaN or Inf (inputs {bad.tolist()[:10]})")
+        return x
+
+    def _check_one(self, x1: Tensor) -> Tensor:
+        if isinstance(x1, Tensor) and tuple(x1.shape) == self.input_shape:
+            x1 = x1.unsqueeze(0)
+        elif isinstance(x1, Tensor) and tuple(x1.shape) != (1, *self.input_shape):
+            raise ValueError(
+                f"x1 must have shape {self.input_shape} (one input), got {tuple(x1.shape)}"
+            )
+        return self._check(x1, "x1")
+
+    def _chunks(self, x: Tensor, size: int | None = None) -> Iterator[Tensor]:
+        size = size or self.batch_size
+        for i in range(0, x.shape[0], size):
+            yield x[i : i + size]
+
+    # -- configurations and LLCs ---------------------------------------------------------
+
+    def _configure(
+        self, x: Tensor, record: bool = False
+    ) -> tuple[Tensor, Configuration, dict[int, Tensor]]:
+        """One batch (no chunking): logits (B, C), configuration, gate inputs if recorded."""
+        cp = ConfigurationPass(self.program, self.tol, record_gate_inputs=record)
+        with torch.no_grad():
+            logits, config = cp.configure(x, self.direction)
+        return logits, config, cp.gate_inputs
+
+    def configuration(self, x: Tensor) -> Configuration:
+        """Gate states of x (B, *input_shape), with the documented tie-break."""
+        self._check(x)
+        return Configuration.concat([self._configure(c)[1] for c in self._chunks(x)])
+
+    def region_key(self, x: Tensor) -> tuple[RegionKey, ...]:
+        """Canonical region keys of x (B, *input_shape), without computing LLCs."""
+        return self.configuration(x).region_keys()
+
+    def explain(self, x: Tensor) -> Explanation:
+        """Local linear classifiers of x (B, *input_shape); see :class:`Explanation`."""
+        self._check(x)
+        weights, biases, logits, configs = [], [], [], []
+        eye = torch.eye(self.num_classes, dtype=self.dtype, device=self.device)
+        for xc in self._chunks(x):
+            lg, config, _ = self._configure(xc)
+            with torch.no_grad():
+                w, b = compose_backward(self.program, config, eye.expand(xc.shape[0], -1, -1))
+            weights.append(w)
+            biases.append(b)
+            logits.append(lg)
+            configs.append(config)
+        config = Configuration.concat(configs)
+        return Explanation(
+            x, torch.cat(weights), torch.cat(biases), torch.cat(logits), config.region_keys(),
+            config,
+        )
+
+    # -- polytopes -----------------------------------------------------------------------
+
+    def polytope(self, x1: Tensor) -> Polytope:
+        """The region of x1 (*input_shape) as ``{x : A x.flatten() <= d}``.
+
+        One row per gate input (ReLU sign, max-pool selection); rows that are
+        identically zero are dropped. The domain box, if any, is kept apart.
+        """
+        x1 = self._check_one(x1)
+        _, config, gate_inputs = self._configure(x1, record=True)
+        with torch.no_grad():
+            cons = build_constraints(self.program, config, gate_inputs, self.tol, chunk=self.chunk)
+        return Polytope(
+            cons.A,
+            cons.d,
+            x1.reshape(-1).cpu().double().numpy(),
+            slack=cons.slack,
+            domain=self.domain,
+            tol=self.tol,
+            row_source=cons.source,
+        )
+
+    def certified_radius(self, x: Tensor, norm: float = 2) -> Tensor:
+        """(B,) radius of the largest ``norm``-ball around each input inside its region.
+
+        ``norm`` is 2 or ``float('inf')``. 0 for an input on a facet (``n_tight > 0``).
+        Polytopes are not stored: memory stays ~ batch x chunk x largest activation.
+        """
+        if norm not in (2, float("inf")):
+            raise ValueError(f"norm must be 2 or float('inf'), got {norm!r}")
+        self._check(x)
+        out = []
+        for xc in self._chunks(x):
+            _, config, gate_inputs = self._configure(xc, record=True)
+            with torch.no_grad():
+                r2, rinf = certified_radii(
+                    self.program, config, gate_inputs, self.tol, chunk=self.chunk
+                )
+            out.append(r2 if norm == 2 else rinf)
+        return torch.cat(out)
+
+    # -- verification --------------------------------------------------------------------
+
+    @property
+    def reference(self) -> nn.Module:
+        """A private copy of the model in the working dtype/device (the user's is untouched)."""
+        if self._reference is None:
+            self._reference = copy.deepcopy(self.model).to(dtype=self.dtype, device=self.device)
+        return self._reference
+
+    def verify(self, x: Tensor) -> VerificationReport:
+        """Check ``W_x x + b_x`` and the compiled program against the model's own forward.
+
+        Both must match ``model(x)`` elementwise to ``atol + rtol * |model(x)|`` (the
+        working dtype's tolerance, DESIGN.md).
+        """
+        self._check(x)
+        e = self.explain(x)
+        with torch.no_grad():
+            want = torch.cat([self.reference(c) for c in self._chunks(x)])
+            prog = torch.cat([self.program(c) for c in self._chunks(x)])
+        llc = e.predict(x)
+        rtol, atol = self.tol.verify_rtol, self.tol.verify_atol
+        bound = atol + rtol * want.abs()
+        llc_err = (llc - want).abs()
+        prog_err = (prog - want).abs()
+        passed = ((llc_err <= bound) & (prog_err <= bound)).all(dim=1)
+        return VerificationReport(
+            max_abs_error=float(torch.maximum(llc_err.max(), prog_err.max())),
+            llc_error=llc_err.amax(dim=1),
+            program_error=prog_err.amax(dim=1),
+            passed=passed,
+            rtol=rtol,
+            atol=atol,
+            dtype=self.dtype,
+            n_tight=e.n_tight,
+        )

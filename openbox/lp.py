@@ -1,0 +1,321 @@
+"""The one linear-programming wrapper of openbox: every LP in the project goes through here.
+
+Convention: an LP is ``minimise c.x subject to A_ub x <= b_ub, A_eq x = b_eq, lo <= x <= hi``
+with x in R^k, float64. Unlike ``scipy.optimize.linprog``, variables are *free* unless
+``bounds`` says otherwise.
+
+Two solvers sit behind one result type:
+
+* ``method="highs"`` (default): HiGHS dual simplex through ``highspy`` (the engine behind
+  ``scipy.optimize.linprog(method="highs")``, called directly so that sparse rows are
+  passed without scipy's dense copies and so that :class:`IncrementalLP` can warm-start).
+  It is what sequences of related LPs use (one per row in ``compute_irredundant``), where
+  only the simplex warm-starts, and it gives exact infeasible / unbounded statuses and
+  vertex solutions.
+* ``method="clarabel"``: Clarabel's interior point (the conic solver cvxpy ships with).
+  The polytope LPs of a CNN have hundreds of *dense* columns; HiGHS works on sparse
+  factors and slows to ~10 ms per pivot there (the Chebyshev LP of a demo-CNN region,
+  solved over a working set of rows: 349 s with HiGHS, 13 s with Clarabel).
+
+Statuses: ``solve_lp`` returns ``status`` "optimal", "infeasible" or "unbounded" and never
+raises for those; the caller decides what they mean. It raises :class:`LPError` when the
+solver fails (numerical trouble, iteration or time limit, a model HiGHS rejects, or for
+dense-ipm no convergence), with the solver's own message, and ``ValueError`` for inputs of
+inconsistent shape.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import clarabel
+import highspy
+import numpy as np
+import scipy.sparse as sp
+
+from openbox.tolerances import Tolerances
+
+__all__ = ["IncrementalLP", "LPError", "LPResult", "as_numpy", "solve_lp"]
+
+_INF = highspy.kHighsInf
+_MS = highspy.HighsModelStatus
+# Rows converted per block when a dense matrix becomes sparse or is multiplied in pieces;
+# about 32 MB of float64 per temporary whatever the width.
+_BLOCK_ELEMENTS = 1 << 22
+
+
+class LPError(RuntimeError):
+    """The LP solver failed: numerical trouble, an iteration or time limit, a model it
+    rejected. The message carries the solver's own words.
+    Never raised for a problem that is merely infeasible or unbounded (those are statuses)."""
+
+
+@dataclass(frozen=True)
+class LPResult:
+    """Outcome of one LP ``minimise c.x s.t. A_ub x <= b_ub, A_eq x = b_eq, lo <= x <= hi``.
+
+    Attributes:
+        status: "optimal", "infeasible" or "unbounded".
+        x: (k,) float64 optimal point when optimal, else None.
+        value: c.x at the optimum; +inf when infeasible, -inf when unbounded.
+        message: the solver's description of the outcome.
+        dual: (m_ub,) float64 multipliers y >= 0 of the rows of A_ub when optimal
+            (``c + A_ub^T y + ... = 0`` sign convention: y_i > 0 means row i binds), else None.
+        iterations: simplex pivots or interior-point iterations spent.
+    """
+
+    status: str
+    x: np.ndarray | None
+    value: float
+    message: str
+    dual: np.ndarray | None = field(default=None, repr=False)
+    iterations: int = 0
+
+
+def as_numpy(a, dtype=None) -> np.ndarray:
+    """A numpy view of ``a`` (numpy array, torch tensor or sequence), without a copy when
+    possible. Torch tensors are detached and moved to the CPU. ``dtype`` converts if given."""
+    if hasattr(a, "detach") and hasattr(a, "cpu"):  # torch.Tensor, without importing torch here
+        a = a.detach().cpu().numpy()
+    return np.asarray(a, dtype=dtype)
+
+
+def _block_rows(n_cols: int) -> int:
+    return max(1, _BLOCK_ELEMENTS // max(1, n_cols))
+
+
+def _to_csr(A) -> sp.csr_array:
+    """(m, k) float64 CSR of a dense or sparse matrix, converting dense ones in row blocks so
+    that no dense temporary of the full size is made (exact zeros are dropped)."""
+    if sp.issparse(A):
+        return sp.csr_array(A, dtype=np.float64)
+    A = as_numpy(A)
+    if A.ndim != 2:
+        raise ValueError(f"constraint matrix must be 2-D, got shape {A.shape}")
+    step = _block_rows(A.shape[1])
+    if A.shape[0] <= step:
+        return sp.csr_array(A.astype(np.float64, copy=False))
+    parts = [
+        sp.csr_array(A[i : i + step].astype(np.float64, copy=False))
+        for i in range(0, A.shape[0], step)
+    ]
+    return sp.vstack(parts, format="csr")
+
+
+def _bounds_arrays(bounds, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """(lo, hi) float64 (k,) arrays from None (free) or a pair of scalars / (k,) arrays."""
+    if bounds is None:
+        return np.full(k, -np.inf), np.full(k, np.inf)
+    if len(bounds) != 2:
+        raise ValueError("bounds must be None or a pair (lo, hi) of scalars or (k,) arrays")
+    lo, hi = bounds
+    lo = np.broadcast_to(-np.inf if lo is None else as_numpy(lo, np.float64), (k,)).copy()
+    hi = np.broadcast_to(np.inf if hi is None else as_numpy(hi, np.float64), (k,)).copy()
+    return lo, hi
+
+
+def _prepare(c, A_ub, b_ub, A_eq, b_eq, bounds):
+    c = as_numpy(c, np.float64).reshape(-1)
+    k = c.shape[0]
+    A_ub = sp.csr_array((0, k)) if A_ub is None else _to_csr(A_ub)
+    b_ub = np.zeros(0) if b_ub is None else as_numpy(b_ub, np.float64).reshape(-1)
+    A_eq = sp.csr_array((0, k)) if A_eq is None else _to_csr(A_eq)
+    b_eq = np.zeros(0) if b_eq is None else as_numpy(b_eq, np.float64).reshape(-1)
+    for name, M, b in (("A_ub", A_ub, b_ub), ("A_eq", A_eq, b_eq)):
+        if M.shape[1] != k or M.shape[0] != b.shape[0]:
+            raise ValueError(
+                f"{name} has shape {M.shape} but c has {k} entries and its right-hand side "
+                f"{b.shape[0]}"
+            )
+    lo, hi = _bounds_arrays(bounds, k)
+    return c, A_ub, b_ub, A_eq, b_eq, lo, hi
+
+
+def _highs(tol: Tolerances) -> highspy.Highs:
+    h = highspy.Highs()
+    h.setOptionValue("output_flag", False)
+    h.setOptionValue("primal_feasibility_tolerance", tol.lp)
+    h.setOptionValue("dual_feasibility_tolerance", tol.lp)
+    h.setOptionValue("solver", "simplex")
+    return h
+
+
+def _highs_lp(c, A: sp.csr_array, row_lo, row_hi, lo, hi) -> highspy.HighsLp:
+    lp = highspy.HighsLp()
+    lp.num_col_ = int(A.shape[1])
+    lp.num_row_ = int(A.shape[0])
+    lp.col_cost_ = c
+    lp.col_lower_ = np.clip(lo, -_INF, _INF)
+    lp.col_upper_ = np.clip(hi, -_INF, _INF)
+    lp.row_lower_ = np.clip(row_lo, -_INF, _INF)
+    lp.row_upper_ = np.clip(row_hi, -_INF, _INF)
+    lp.a_matrix_.format_ = highspy.MatrixFormat.kRowwise
+    lp.a_matrix_.start_ = A.indptr.astype(np.int32)
+    lp.a_matrix_.index_ = A.indices.astype(np.int32)
+    lp.a_matrix_.value_ = A.data
+    return lp
+
+
+def _run_highs(h: highspy.Highs, n_ub: int, *, resolve_ambiguous: bool = True) -> LPResult:
+    """Run a loaded model; map HiGHS's model status onto an LPResult or raise LPError."""
+    run_status = h.run()
+    status = h.getModelStatus()
+    if status == _MS.kUnboundedOrInfeasible and resolve_ambiguous:
+        # Presolve can stop at "infeasible or unbounded"; without it the simplex decides.
+        h.setOptionValue("presolve", "off")
+        h.clearSolver()
+        run_status = h.run()
+        status = h.getModelStatus()
+        h.setOptionValue("presolve", "choose")
+    info = h.getInfo()
+    iterations = int(info.simplex_iteration_count) + int(info.ipm_iteration_count)
+    message = f"HiGHS: {h.modelStatusToString(status)}"
+    if status == _MS.kOptimal:
+        if run_status == highspy.HighsStatus.kError:
+            raise LPError(f"{message}, but run() reported an error")
+        sol = h.getSolution()
+        x = np.array(sol.col_value, dtype=np.float64)
+        # HiGHS's row duals are <= 0 for binding upper bounds when minimising; report y >= 0.
+        dual = -np.array(sol.row_dual, dtype=np.float64)[:n_ub]
+        return LPResult("optimal", x, float(info.objective_function_value), message, dual,
+                        iterations)
+    if status == _MS.kInfeasible:
+        return LPResult("infeasible", None, np.inf, message, None, iterations)
+    if status == _MS.kUnbounded:
+        return LPResult("unbounded", None, -np.inf, message, None, iterations)
+    if status == _MS.kUnboundedOrInfeasible:
+        # Still ambiguous: a feasibility problem (zero objective) tells the two apart.
+        n_col = h.getNumCol()
+        cost = np.array(h.getLp().col_cost_, dtype=np.float64)
+        h.changeColsCost(n_col, np.arange(n_col, dtype=np.int32), np.zeros(n_col))
+        feasible = _run_highs(h, n_ub, resolve_ambiguous=False)
+        h.changeColsCost(n_col, np.arange(n_col, dtype=np.int32), cost)
+        if feasible.status == "infeasible":
+            return LPResult("infeasible", None, np.inf, message, None, iterations)
+        return LPResult("unbounded", None, -np.inf, message, None, iterations)
+    raise LPError(f"{message} (HiGHS model status {int(status)}); the LP was not solved")
+
+
+def solve_lp(
+    c,
+    A_ub,
+    b_ub,
+    *,
+    A_eq=None,
+    b_eq=None,
+    bounds=None,
+    tol: Tolerances,
+    method: str = "highs",
+) -> LPResult:
+    """Minimise ``c.x`` subject to ``A_ub x <= b_ub``, ``A_eq x = b_eq``, ``lo <= x <= hi``.
+
+    Args:
+        c: (k,) objective.
+        A_ub: (m, k) dense (numpy or torch; any memory order, not copied whole) or scipy sparse,
+            or None for no inequality rows. b_ub: (m,).
+        A_eq, b_eq: (p, k) and (p,) equality rows, or None.
+        bounds: None (every variable free; note scipy's linprog defaults to x >= 0) or a pair
+            ``(lo, hi)`` of scalars or (k,) arrays, +-inf (or None) for no bound.
+        tol: ``tol.lp`` is the solver's primal and dual feasibility tolerance (HiGHS) or its
+            feasibility and duality-gap tolerance (Clarabel).
+        method: "highs" (dual simplex) or "clarabel" (interior point, for dense columns);
+            see the module docstring.
+
+    Returns:
+        LPResult with status "optimal", "infeasible" or "unbounded".
+
+    Raises:
+        LPError: the solver failed (numerical trouble, iteration/time limit, rejected model).
+        ValueError: inconsistent shapes or an unknown method.
+    """
+    c, A_ub, b_ub, A_eq, b_eq, lo, hi = _prepare(c, A_ub, b_ub, A_eq, b_eq, bounds)
+    if method == "highs":
+        A = sp.vstack([A_ub, A_eq], format="csr") if A_eq.shape[0] else A_ub
+        row_lo = np.concatenate([np.full(b_ub.shape[0], -np.inf), b_eq])
+        row_hi = np.concatenate([b_ub, b_eq])
+        h = _highs(tol)
+        h.passModel(_highs_lp(c, A, row_lo, row_hi, lo, hi))
+        return _run_highs(h, b_ub.shape[0])
+    if method == "clarabel":
+        return _solve_clarabel(c, A_ub, b_ub, A_eq, b_eq, lo, hi, tol)
+    raise ValueError(f"unknown LP method {method!r}; use 'highs' or 'clarabel'")
+
+
+class IncrementalLP:
+    """A HiGHS model kept between solves, for sequences of LPs that share their rows.
+
+    ``minimise c.x s.t. A x <= b, lo <= x <= hi`` with A (m, k) fixed; between solves the
+    objective and the right-hand side of single rows change, and the last basis warm-starts
+    the next solve. Row i is switched off by ``set_row_upper(i, inf)``. Statuses and
+    exceptions are those of :func:`solve_lp` with method "highs".
+    """
+
+    def __init__(self, c, A, b, *, bounds=None, tol: Tolerances):
+        """c: (k,); A: (m, k) dense or sparse; b: (m,); bounds as in :func:`solve_lp`."""
+        c, A, b, _, _, lo, hi = _prepare(c, A, b, None, None, bounds)
+        self.n_rows, self.n_cols = A.shape
+        self._upper = b.copy()
+        self._h = _highs(tol)
+        self._h.passModel(_highs_lp(c, A, np.full(self.n_rows, -np.inf), b, lo, hi))
+        self._cols = np.arange(self.n_cols, dtype=np.int32)
+
+    def set_objective(self, c) -> None:
+        """Replace the objective by c (k,)."""
+        c = as_numpy(c, np.float64).reshape(-1)
+        if c.shape[0] != self.n_cols:
+            raise ValueError(f"objective has {c.shape[0]} entries, the model {self.n_cols}")
+        self._h.changeColsCost(self.n_cols, self._cols, c)
+
+    def set_row_upper(self, i: int, value: float) -> None:
+        """Set the right-hand side of row i to ``value`` (+inf switches the row off)."""
+        self._upper[i] = value
+        self._h.changeRowBounds(int(i), -_INF, float(min(value, _INF)))
+
+    def row_upper(self, i: int) -> float:
+        """The current right-hand side of row i."""
+        return float(self._upper[i])
+
+    def solve(self) -> LPResult:
+        """Solve from the last basis. Raises LPError as :func:`solve_lp` does."""
+        return _run_highs(self._h, self.n_rows)
+
+
+# ------------------------------------------------------------------------------------------
+# Interior point (Clarabel)
+# ------------------------------------------------------------------------------------------
+
+
+def _solve_clarabel(c, A_ub, b_ub, A_eq, b_eq, lo, hi, tol: Tolerances) -> LPResult:
+    """The LP by Clarabel's interior point. Bounds become rows; equality rows a zero cone.
+
+    Clarabel solves ``min q.x s.t. A x + s = b, s in K`` with dual z in K* and
+    ``q + A^T z = 0`` at the optimum, so the multipliers of the ``<=`` rows are already
+    the y >= 0 of :class:`LPResult`.
+    """
+    k = c.shape[0]
+    eye = sp.identity(k, format="csr")
+    up, down = np.flatnonzero(np.isfinite(hi)), np.flatnonzero(np.isfinite(lo))
+    ineq = sp.vstack([A_ub, eye[up], -eye[down]], format="csc")
+    rhs = np.concatenate([b_ub, hi[up], -lo[down]])
+    cones = [clarabel.NonnegativeConeT(ineq.shape[0])]
+    if A_eq.shape[0]:
+        ineq = sp.vstack([ineq, A_eq], format="csc")
+        rhs = np.concatenate([rhs, b_eq])
+        cones.append(clarabel.ZeroConeT(A_eq.shape[0]))
+    settings = clarabel.DefaultSettings()
+    settings.verbose = False
+    settings.tol_feas = settings.tol_gap_abs = settings.tol_gap_rel = tol.lp
+    solver = clarabel.DefaultSolver(sp.csc_matrix((k, k)), c, sp.csc_matrix(ineq), rhs, cones,
+                                    settings)
+    sol = solver.solve()
+    status = str(sol.status)
+    message = f"Clarabel: {status}"
+    if status in ("Solved", "AlmostSolved"):
+        x = np.array(sol.x, dtype=np.float64)
+        dual = np.array(sol.z, dtype=np.float64)[: b_ub.shape[0]]
+        return LPResult("optimal", x, float(c @ x), message, dual, int(sol.iterations))
+    if status in ("PrimalInfeasible", "AlmostPrimalInfeasible"):
+        return LPResult("infeasible", None, np.inf, message, None, int(sol.iterations))
+    if status in ("DualInfeasible", "AlmostDualInfeasible"):
+        return LPResult("unbounded", None, -np.inf, message, None, int(sol.iterations))
+    raise LPError(f"{message}; the LP was not solved")
