@@ -6,7 +6,7 @@
 >>> ob.verify(x).ok
 """
 
-from openbox import regions, tolerances
+from openbox import features, regions, tolerances
 from openbox.configuration import Configuration, RegionKey, tie_break_direction
 from openbox.engine import Explanation, OpenBox, VerificationReport
 from openbox.polytope import Polytope
@@ -14,6 +14,7 @@ from openbox.polytope import Polytope
 __all__ = [
     "Configuration",
     "Explanation",
+    "features",
     "OpenBox",
     "Polytope",
     "RegionKey",

@@ -57,6 +57,18 @@ class Explanation:
     def __len__(self) -> int:
         return self.weight.shape[0]
 
+    def __getitem__(self, index) -> Explanation:
+        """The explanations of a sub-batch: ``e[i]`` (kept as a batch of one), ``e[i:j]``."""
+        if isinstance(index, int):
+            index = slice(index, index + 1 if index != -1 else None)
+        keys = self.region_key[index] if isinstance(index, slice) else tuple(
+            self.region_key[i] for i in torch.as_tensor(index).reshape(-1).tolist()
+        )
+        return Explanation(
+            self.inputs[index], self.weight[index], self.bias[index], self.logits[index],
+            keys, self.configuration[index],
+        )
+
     @property
     def n_tight(self) -> Tensor:
         """(B,) int64: facets each input lies on (0 for an input inside its region)."""
@@ -86,6 +98,7 @@ class VerificationReport:
 
     Attributes:
         max_abs_error: largest |difference| of both checks below.
+        logits: (B, C) the model's own output, the reference.
         llc_error: (B,) max |W_x x + b_x - model(x)| per input.
         program_error: (B,) max |program(x) - model(x)| per input.
         passed: (B,) bool, both within ``atol + rtol * |model(x)|`` elementwise.
@@ -94,6 +107,7 @@ class VerificationReport:
     """
 
     max_abs_error: float
+    logits: Tensor
     llc_error: Tensor
     program_error: Tensor
     passed: Tensor
@@ -276,26 +290,34 @@ class OpenBox:
             domain=self.domain,
             tol=self.tol,
             row_source=cons.source,
+            n_dropped=cons.n_dropped,
         )
 
     def certified_radius(self, x: Tensor, norm: float = 2) -> Tensor:
         """(B,) radius of the largest ``norm``-ball around each input inside its region.
 
         ``norm`` is 2 or ``float('inf')``. 0 for an input on a facet (``n_tight > 0``).
-        Polytopes are not stored: memory stays ~ batch x chunk x largest activation.
+        Polytopes are not stored: memory stays ~ chunk x largest activation.
         """
         if norm not in (2, float("inf")):
             raise ValueError(f"norm must be 2 or float('inf'), got {norm!r}")
+        r2, rinf = self.certified_radii(x)
+        return r2 if norm == 2 else rinf
+
+    def certified_radii(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """(L2 radius (B,), L-inf radius (B,)) of x (B, *input_shape), from one basis push
+        per input (none for inputs on a facet, whose radii are 0)."""
         self._check(x)
-        out = []
+        r2, rinf = [], []
         for xc in self._chunks(x):
             _, config, gate_inputs = self._configure(xc, record=True)
             with torch.no_grad():
-                r2, rinf = certified_radii(
+                a, b = certified_radii(
                     self.program, config, gate_inputs, self.tol, chunk=self.chunk
                 )
-            out.append(r2 if norm == 2 else rinf)
-        return torch.cat(out)
+            r2.append(a)
+            rinf.append(b)
+        return torch.cat(r2), torch.cat(rinf)
 
     # -- verification --------------------------------------------------------------------
 
@@ -325,6 +347,7 @@ class OpenBox:
         passed = ((llc_err <= bound) & (prog_err <= bound)).all(dim=1)
         return VerificationReport(
             max_abs_error=float(torch.maximum(llc_err.max(), prog_err.max())),
+            logits=want,
             llc_error=llc_err.amax(dim=1),
             program_error=prog_err.amax(dim=1),
             passed=passed,

@@ -706,16 +706,18 @@ class Polytope:
         tol: tolerances of the working dtype (:mod:`openbox.tolerances`).
         row_source: optional per-row array of length m (e.g. which gate made each row),
             carried along and subset with the rows.
+        n_dropped: how many rows the builder left out before A as identically zero (a
+            record for the reader; they constrain nothing).
 
     The object is immutable in practice: attributes are read-only properties, arrays are
     read-only views, and computed quantities (radii, Chebyshev centre) are cached.
     """
 
     __slots__ = ("_A", "_d", "_point", "_slack", "_given_slack", "_domain", "_tol",
-                 "_row_source", "_cache")
+                 "_row_source", "_cache", "n_dropped")
 
     def __init__(self, A, d, point, *, slack=None, domain=None, tol: Tolerances,
-                 row_source=None):
+                 row_source=None, n_dropped: int = 0):
         A = as_numpy(A)
         if A.ndim != 2:
             raise ValueError(f"A must be a 2-D (m, n) array, got shape {A.shape}")
@@ -749,6 +751,7 @@ class Polytope:
                 raise ValueError(f"row_source must have {m} entries, got {row_source.shape[0]}")
             row_source = _readonly(row_source)
         self._row_source = row_source
+        self.n_dropped = int(n_dropped)
 
     @staticmethod
     def _inf_norm(x: np.ndarray) -> float:

@@ -93,6 +93,7 @@ def test_batch_equals_one_by_one():
     e = ob.explain(x)
     for i in range(5):
         ei = ob.explain(x[i : i + 1])
+        assert e[i].region_key == ei.region_key and torch.equal(e[i].weight, e.weight[i : i + 1])
         torch.testing.assert_close(ei.weight[0], e.weight[i], rtol=0, atol=1e-14)
         torch.testing.assert_close(ei.bias[0], e.bias[i], rtol=0, atol=1e-14)
         assert ei.region_key[0] == e.region_key[i]
@@ -169,10 +170,13 @@ def test_polytope_contains_x_and_matches_radius():
     assert poly.contains(x[0])
     assert np.all(A @ x[0].flatten().numpy() <= d + 1e-12)
     assert not np.any(np.all(A == 0, axis=1)), "identically zero rows are dropped"
-    for norm in (2, float("inf")):
+    both = ob.certified_radii(x)
+    for norm, r_both in zip((2, float("inf")), both):
         r = ob.certified_radius(x, norm=norm)
         assert r.shape == (1,) and float(r[0]) > 0
+        assert torch.equal(r, r_both)
         assert poly.radius(norm=norm) == pytest.approx(float(r[0]), rel=1e-9)
+    assert float(both[1][0]) <= float(both[0][0])  # the L-inf ball sits inside the L2 one
 
 
 def test_every_row_is_a_gate_constraint_of_the_model():
