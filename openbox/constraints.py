@@ -42,9 +42,12 @@ i); ``partner`` the selected entry j of a max-pool row, -1 for a ReLU row."""
 class _GateRows:
     """Constraint rows contributed by one gate node, for each of B inputs.
 
-    Rows ``start:stop`` of the layout. ReLU: ``sign`` (B, n) = +1 (on) / -1 (off),
-    row = -sign * a_unit with ``unit`` = arange(n). MaxPool: row = a_unit - a_partner,
-    ``unit`` and ``partner`` (B, m) flat gate-input indices. ``slack`` (B, m).
+    Rows ``start:stop`` of the layout. ReLU: ``sign`` (B, m) = +1 (on) / -1 (off),
+    row = -sign * a_unit for the units ``unit`` (m,) (all of them unless filtered).
+    MaxPool: row = a_unit - a_partner, ``unit`` and ``partner`` (B, m) flat gate-input
+    indices; ``window_of`` (B, m) the window (output) of each row, and ``per_window``
+    the number of rows of every window when that number is the same for all (then rows
+    are grouped by window, in window order), else None.
     """
 
     k: int
@@ -54,11 +57,13 @@ class _GateRows:
     partner: Tensor | None
     sign: Tensor | None
     slack: Tensor
+    window_of: Tensor | None = None
+    per_window: int | None = None
 
-    def rows(self, z: Tensor, out: Tensor | None = None) -> Tensor:
-        """Rows for pushed vectors: z (B, K, n_k) gate inputs -> (B, K, stop - start).
-
-        With ``out`` (K, stop - start), a batch of one is written there directly.
+    def rows(self, z: Tensor, y: Tensor, out: Tensor | None = None) -> Tensor:
+        """Rows for pushed vectors, from the gate's input z (B, K, n_in) and output
+        y (B, K, n_out): (B, K, stop - start). With ``out`` (K, stop - start), a batch of
+        one is written there directly.
         """
         if out is not None:
             z0 = z[0]
@@ -66,15 +71,19 @@ class _GateRows:
                 if self.unit.numel() != z0.shape[1]:
                     z0 = z0.index_select(1, self.unit)
                 return torch.mul(z0, -self.sign[0], out=out)
-            return torch.sub(z0.index_select(1, self.unit[0]), z0.index_select(1, self.partner[0]),
-                             out=out)
+            losing = z0.index_select(1, self.unit[0])
+            if self.per_window is not None:  # a_partner is the window's output: broadcast it
+                k, q = out.shape[0], self.per_window
+                return torch.sub(losing.view(k, -1, q), y[0].unsqueeze(2),
+                                 out=out.view(k, -1, q))
+            return torch.sub(losing, y[0].index_select(1, self.window_of[0]), out=out)
         if self.sign is not None:
             if self.unit.numel() != z.shape[2]:  # only the units with a non-zero linear part
                 z = z.index_select(2, self.unit)
             return z * -self.sign.unsqueeze(1)
         k = z.shape[1]
-        gather = lambda idx: z.gather(2, idx.unsqueeze(1).expand(-1, k, -1))  # noqa: E731
-        return gather(self.unit) - gather(self.partner)
+        gather = lambda v, idx: v.gather(2, idx.unsqueeze(1).expand(-1, k, -1))  # noqa: E731
+        return gather(z, self.unit) - gather(y, self.window_of)
 
 
 def _plan(
@@ -117,10 +126,16 @@ def _plan(
                 other &= live[window.clamp_min(0)] | live[j].unsqueeze(2)
             unit = window[other].reshape(sel.shape[0], -1)
             partner = j.unsqueeze(2).expand_as(window)[other].reshape(unit.shape)
+            outputs = torch.arange(window.shape[1], device=z.device)[None, :, None]
+            window_of = outputs.expand_as(window)[other].reshape(unit.shape)
+            counts = other[0].sum(1)
+            uniform = sel.shape[0] == 1 and bool((counts == counts[0]).all())
+            per_window = int(counts[0]) if uniform and counts.numel() and counts[0] > 0 else None
             zj = z.gather(1, partner)
             gap = zj - z.gather(1, unit)
             slack = torch.where(gap <= tol.tie * (1 + zj.abs()), torch.zeros_like(gap), gap)
-            plans.append(_GateRows(k, start, start + unit.shape[1], unit, partner, None, slack))
+            plans.append(_GateRows(k, start, start + unit.shape[1], unit, partner, None, slack,
+                                   window_of, per_window))
         start = plans[-1].stop
     return plans
 
@@ -141,12 +156,12 @@ def _push(
     sink,
 ) -> None:
     """Push v (B * K, *input_shape) through the fixed network up to its last gate and
-    hand each gate's inputs, (B, K, n_k), to ``sink(plan, z)`` as soon as they exist."""
+    hand each gate's input and output, (B, K, n_in) and (B, K, n_out), to
+    ``sink(plan, z, y)`` as soon as they exist."""
     by_node = {p.k: p for p in plans}
-    b = forward.config.batch_size
 
-    def hook(k, node, z):
-        sink(by_node[k], z.reshape(b, z.shape[1], -1))
+    def hook(k, node, z, y):
+        sink(by_node[k], z, y)
 
     forward.on_gate = hook
     if plans:
@@ -211,14 +226,14 @@ def build_constraints(
     for c0 in range(0, n, chunk):
         c1 = min(n, c0 + chunk)
 
-        def write(p, z, c0=c0, c1=c1):
-            p.rows(z, out=at[c0:c1, p.start : p.stop])
+        def write(p, z, y, c0=c0, c1=c1):
+            p.rows(z, y, out=at[c0:c1, p.start : p.stop])
 
         _push(program, linear, plans, _basis(program, c0, c1, 1), write)
     d = np.empty(m, dtype=np_dtype)
 
-    def write_offset(p, z):  # a.x' + c <= 0  <=>  a.x' <= -c
-        d[p.start : p.stop] = -p.rows(z)[0, 0].cpu().numpy()
+    def write_offset(p, z, y):  # a.x' + c <= 0  <=>  a.x' <= -c
+        d[p.start : p.stop] = -p.rows(z, y)[0, 0].cpu().numpy()
 
     zero = torch.zeros((1, *program.input_shape), dtype=program.dtype, device=program.device)
     _push(program, FixedForward(config, with_bias=True), plans, zero, write_offset)
@@ -268,8 +283,8 @@ def certified_radii(
         sq = {p.k: torch.zeros_like(p.slack[0]) for p in plans}
         l1 = {p.k: torch.zeros_like(p.slack[0]) for p in plans}
 
-        def accumulate(p, z, sq=sq, l1=l1):
-            rows = p.rows(z)
+        def accumulate(p, z, y, sq=sq, l1=l1):
+            rows = p.rows(z, y)
             sq[p.k] += torch.linalg.vector_norm(rows[0], 2, dim=0).square()
             l1[p.k] += torch.linalg.vector_norm(rows[0], 1, dim=0)
 

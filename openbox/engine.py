@@ -32,9 +32,10 @@ from openbox.constraints import build_constraints, certified_radii
 from openbox.linear_maps import compose_backward
 from openbox.polytope import Polytope
 
-BACKWARD_ROWS = 256
-"""Rows (inputs x classes) composed per backward call; measured on the reference CNN:
-2,560-row calls ran its transposed convolutions 2-2.5x slower per row than 256-row calls."""
+BACKWARD_ROWS = 128
+"""Rows (inputs x classes) composed per backward call. On the reference CNN (2 cores),
+2,560-row calls ran its transposed convolutions 2-2.5x slower per row than 256-row calls;
+64 to 256 rows were within the machine's noise of each other."""
 
 
 @dataclass(frozen=True, eq=False)

@@ -31,7 +31,7 @@ def relu_gain(node: ReLU, on: Tensor, dtype: torch.dtype) -> Tensor:
     return torch.where(on, one, one * node.negative_slope)
 
 
-GateHook = Callable[[int, Node, Tensor], None]
+GateHook = Callable[[int, Node, Tensor, Tensor], None]
 
 
 class FixedForward(Interpreter):
@@ -39,7 +39,8 @@ class FixedForward(Interpreter):
 
     ``run(program, v)`` takes v (B * K, *input_shape): K vectors for each of the B
     inputs of ``config``, grouped by input. ``with_bias=False`` pushes the linear
-    part only. ``on_gate(k, node, z)`` sees every gate input z as (B, K, *in_shape).
+    part only. ``on_gate(k, node, z, y)`` sees every gate's input z as (B, K, n_in) and
+    output y as (B, K, n_out), flattened per vector.
     """
 
     def __init__(
@@ -61,21 +62,21 @@ class FixedForward(Interpreter):
 
     def relu(self, k, node: ReLU, x):
         z = self._grouped(x)
-        if self.on_gate:
-            self.on_gate(k, node, z)
         gain = relu_gain(node, self.config.on[k], x.dtype).unsqueeze(1)
-        return (z * gain).reshape(x.shape)
+        y = z * gain
+        if self.on_gate:
+            self.on_gate(k, node, z.flatten(2), y.flatten(2))
+        return y.reshape(x.shape)
 
     def maxpool(self, k, node: MaxPool, x):
-        z = self._grouped(x)
-        if self.on_gate:
-            self.on_gate(k, node, z)
+        z = self._grouped(x).flatten(2)  # (B, K, n_in)
         idx = self.config.index[k]  # (B, n_out)
-        flat = z.reshape(z.shape[0], z.shape[1], -1)
-        if flat.shape[0] == 1:
-            y = flat.index_select(2, idx[0])
+        if z.shape[0] == 1:
+            y = z.index_select(2, idx[0])
         else:
-            y = flat.gather(2, idx.unsqueeze(1).expand(-1, flat.shape[1], -1))
+            y = z.gather(2, idx.unsqueeze(1).expand(-1, z.shape[1], -1))
+        if self.on_gate:
+            self.on_gate(k, node, z, y)
         return y.reshape(x.shape[0], *node.out_shape)
 
 
