@@ -140,7 +140,7 @@ def _plan(
     return plans
 
 
-def _plan_size(program: Program, config: Configuration, k: int) -> int:
+def _plan_size(program: Program, k: int) -> int:
     """Rows gate node k has before zero rows are dropped."""
     node = program.nodes[k]
     if isinstance(node, ReLU):
@@ -216,18 +216,23 @@ def build_constraints(
     support = gate_support(program, config)
     plans = _plan(program, config, gate_inputs, tol, support)
     m = plans[-1].stop if plans else 0
-    n_dropped = sum(_plan_size(program, config, k) for k in program.gates) - m
+    n_dropped = sum(_plan_size(program, k) for k in program.gates) - m
     n = prod(program.input_shape)
     np_dtype = np.float64 if program.dtype == torch.float64 else np.float32
 
     # A transposed, C order: a chunk of basis vectors fills a contiguous block of rows
     at = torch.empty((n, m), dtype=program.dtype)
+    on_cpu = program.device.type == "cpu"
     linear = FixedForward(config, with_bias=False)
     for c0 in range(0, n, chunk):
         c1 = min(n, c0 + chunk)
 
         def write(p, z, y, c0=c0, c1=c1):
-            p.rows(z, y, out=at[c0:c1, p.start : p.stop])
+            block = at[c0:c1, p.start : p.stop]
+            if on_cpu:
+                p.rows(z, y, out=block)
+            else:  # rows are made on the device, A is kept in host memory
+                block.copy_(p.rows(z, y)[0])
 
         _push(program, linear, plans, _basis(program, c0, c1, 1), write)
     d = np.empty(m, dtype=np_dtype)
