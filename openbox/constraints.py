@@ -220,8 +220,10 @@ def build_constraints(
     n = prod(program.input_shape)
     np_dtype = np.float64 if program.dtype == torch.float64 else np.float32
 
-    # A transposed, C order: a chunk of basis vectors fills a contiguous block of rows
-    at = torch.empty((n, m), dtype=program.dtype)
+    # A transposed, C order: a chunk of basis vectors fills a contiguous block of rows.
+    # Allocated by numpy: glibc then reuses a freed A's pages for the next one, where
+    # torch's allocator maps fresh ones, and page faults cost ~4x the writes themselves.
+    at = torch.from_numpy(np.empty((n, m), dtype=np_dtype))
     on_cpu = program.device.type == "cpu"
     linear = FixedForward(config, with_bias=False)
     for c0 in range(0, n, chunk):
