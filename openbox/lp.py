@@ -19,8 +19,8 @@ Two solvers sit behind one result type:
 
 Statuses: ``solve_lp`` returns ``status`` "optimal", "infeasible" or "unbounded" and never
 raises for those; the caller decides what they mean. It raises :class:`LPError` when the
-solver fails (numerical trouble, iteration or time limit, a model HiGHS rejects, or for
-dense-ipm no convergence), with the solver's own message, and ``ValueError`` for inputs of
+solver fails (numerical trouble, iteration or time limit, a model the solver rejects),
+with the solver's own message, and ``ValueError`` for inputs of
 inconsistent shape.
 """
 
