@@ -33,10 +33,10 @@ from pathlib import Path
 import torch
 
 import openbox
-from openbox.checkpoints import load_checkpoint, save_checkpoint
-from openbox.data import load_fashion_mnist
-from openbox.models import INPUT_SHAPE, build_model
-from openbox.training import train
+from openbox.fmnist.checkpoints import load_checkpoint, save_checkpoint
+from openbox.fmnist.data import load_fashion_mnist
+from openbox.fmnist.models import INPUT_SHAPE, build_model
+from openbox.fmnist.training import train
 
 ROOT = Path(__file__).resolve().parents[1]
 DTYPES = {"float32": torch.float32, "float64": torch.float64}

@@ -1,8 +1,8 @@
-"""Train the small demo CNN and write ``openbox/_data/demo-cnn.pt``.
+"""Train the small demo CNN and write ``openbox/fmnist/_data/demo-cnn.pt``.
 
 Trains ``cnn`` (narrow: 8 and 16 channels by default) on the full Fashion-MNIST
 training split for a couple of epochs, seeded, reports test accuracy, and saves an
-``openbox.checkpoints`` file that the offline demo loads in seconds.
+``openbox.fmnist.checkpoints`` file that the offline demo loads in seconds.
 
 Usage::
 
@@ -22,14 +22,14 @@ from pathlib import Path
 
 import torch
 
-from openbox.checkpoints import load_checkpoint, save_checkpoint
-from openbox.data import DATA_DIR_ENV, load_fashion_mnist
-from openbox.models import INPUT_SHAPE, build_model, count_parameters
-from openbox.training import evaluate, train
+from openbox.fmnist.checkpoints import load_checkpoint, save_checkpoint
+from openbox.fmnist.data import DATA_DIR_ENV, load_fashion_mnist
+from openbox.fmnist.models import INPUT_SHAPE, build_model, count_parameters
+from openbox.fmnist.training import evaluate, train
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = REPO.parent / "shared" / "datasets" / "fashion-mnist"
-DEFAULT_OUT = REPO / "openbox" / "_data" / "demo-cnn.pt"
+DEFAULT_OUT = REPO / "openbox" / "fmnist" / "_data" / "demo-cnn.pt"
 ARCH = "cnn"
 DEFAULT_CHANNELS = (8, 16)
 DEFAULT_EPOCHS = 2

@@ -1,4 +1,4 @@
-"""Regenerate the packaged Fashion-MNIST sample in ``openbox/_data/`` byte for byte.
+"""Regenerate the packaged Fashion-MNIST sample in ``openbox/fmnist/_data/`` byte for byte.
 
 The sample is the first ``SAMPLE_PER_CLASS`` (100) images of each class of the test
 split, kept in their order in that split (so classes come interleaved), written as two
@@ -6,7 +6,7 @@ IDX files gzipped with mtime 0 (the same bytes every run, given the same zlib).
 
 Usage::
 
-    python experiments/make_sample.py [--data DIR] [--out openbox/_data]
+    python experiments/make_sample.py [--data DIR] [--out openbox/fmnist/_data]
 
 ``--data`` defaults to ``$OPENBOX_DATA_DIR``, else ``../shared/datasets/fashion-mnist``
 beside the repository.
@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from openbox.data import (
+from openbox.fmnist.data import (
     CLASSES,
     DATA_DIR_ENV,
     IDX_IMAGES_MAGIC,
@@ -35,7 +35,7 @@ from openbox.data import (
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = REPO.parent / "shared" / "datasets" / "fashion-mnist"
-DEFAULT_OUT = REPO / "openbox" / "_data"
+DEFAULT_OUT = REPO / "openbox" / "fmnist" / "_data"
 SOURCE_SPLIT = "test"
 
 

@@ -9,7 +9,7 @@
 from openbox import features, regions, tolerances
 from openbox.configuration import Configuration, RegionKey, tie_break_direction
 from openbox.engine import Explanation, OpenBox, VerificationReport
-from openbox.polytope import Polytope
+from openbox.geometry import Polytope
 
 __all__ = [
     "Configuration",

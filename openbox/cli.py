@@ -21,19 +21,24 @@ import os
 import sys
 import time
 from collections.abc import Callable, Sequence
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 
-from openbox import data as obdata
-from openbox.checkpoints import CheckpointError, CheckpointInfo, load_checkpoint, save_checkpoint
-from openbox.data import CLASSES, DatasetError, load_fashion_mnist, load_sample
 from openbox.engine import Explanation, OpenBox, VerificationReport
 from openbox.features import REST, decision_features
-from openbox.models import MODEL_NAMES, build_model, count_parameters, describe_models
+from openbox.fmnist import data as obdata
+from openbox.fmnist.checkpoints import (
+    CheckpointError,
+    CheckpointInfo,
+    load_checkpoint,
+    save_checkpoint,
+)
+from openbox.fmnist.data import CLASSES, DatasetError, load_fashion_mnist, load_sample
+from openbox.fmnist.demo import DEMO_CHECKPOINT, DEMO_CLASSES, demo_checkpoint, demo_indices
+from openbox.fmnist.models import MODEL_NAMES, build_model, count_parameters, describe_models
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -43,8 +48,6 @@ EXIT_INTERRUPTED = 130
 PROG = "openbox"
 DTYPES = {"float64": torch.float64, "float32": torch.float32}
 DOMAIN = (0.0, 1.0)  # pixels in [0, 1]: the input box attached to every polytope
-DEMO_CHECKPOINT = "demo-cnn.pt"
-DEMO_CLASSES = (0, 1, 4, 5, 8, 9)  # T-shirt/top, Trouser, Coat, Sandal, Bag, Ankle boot
 DEMO_OUT = "openbox-demo"
 DEMO_FIGURE = "decision-features.png"
 DEMO_SUMMARY = "summary.txt"
@@ -147,7 +150,7 @@ def _finite(value: float) -> float | None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from openbox.training import train
+    from openbox.fmnist.training import train
 
     kwargs: dict[str, Any] = {}
     if args.channels is not None:
@@ -417,21 +420,6 @@ def cmd_verify(args: argparse.Namespace) -> int:
 # --- demo --------------------------------------------------------------------------------
 
 
-def demo_checkpoint() -> Path:
-    """Path of the packaged demo checkpoint (``openbox/_data/demo-cnn.pt``)."""
-    return Path(str(resources.files("openbox").joinpath("_data", DEMO_CHECKPOINT)))
-
-
-def demo_indices(labels: torch.Tensor, classes: Sequence[int] = DEMO_CLASSES) -> list[int]:
-    """The first image of each of ``classes`` in ``labels`` (N,), in that order."""
-    out = []
-    for c in classes:
-        hits = (labels == c).nonzero().flatten()
-        if len(hits):
-            out.append(int(hits[0]))
-    return out
-
-
 def cmd_demo(args: argparse.Namespace) -> int:
     from openbox.plotting import plot_grid
 
@@ -542,7 +530,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "train", help="train a reference model on Fashion-MNIST and save a checkpoint",
         formatter_class=_Formatter,
-        description="Train a model from openbox.models on the full Fashion-MNIST training "
+        description="Train a model from openbox.fmnist.models on the full Fashion-MNIST training "
                     "split (seeded Adam), report train and test accuracy, save a checked "
                     "checkpoint.\n\nData folder: --data DIR, else $OPENBOX_DATA_DIR, else the "
                     "user cache (~/.cache/openbox/fashion-mnist).\n\nModels:\n"

@@ -29,8 +29,8 @@ from openbox.configuration import (
     tie_break_direction,
 )
 from openbox.constraints import build_constraints, certified_radii
+from openbox.geometry import Polytope
 from openbox.linear_maps import compose_backward
-from openbox.polytope import Polytope
 
 BACKWARD_ROWS = 128
 """Rows (inputs x classes) composed per backward call. On the reference CNN (2 cores),

@@ -10,7 +10,7 @@ raises the score of c, blue lowers it). Positive and negative features share one
 symmetric scale, so the two panels add up to the contrast; negative features are
 drawn with their sign (blue), as they lower the contrast.
 
->>> fig = openbox.plotting.plot_decision_features(feats, class_names=openbox.data.CLASSES)
+>>> fig = openbox.plotting.plot_decision_features(feats, class_names=openbox.fmnist.data.CLASSES)
 >>> fig.savefig("features.png")
 """
 
@@ -117,7 +117,7 @@ def plot_decision_features(
     Args:
         features: from :func:`openbox.features.decision_features`.
         axes: four Axes to draw into (e.g. a row of your own figure); default a new Figure.
-        class_names: names indexed by class, e.g. :data:`openbox.data.CLASSES`.
+        class_names: names indexed by class, e.g. :data:`openbox.fmnist.data.CLASSES`.
         label: the input's true class, shown in the input panel's title if given.
 
     Returns:

@@ -5,7 +5,7 @@ Every builder takes a ``seed`` and returns a model in eval mode whose parameters
 BatchNorm is nearly the identity and hides bugs). Models are float32 as torch
 builds them; call ``.double()`` for float64 references.
 
-``random_cnn(seed)`` is the reference CNN of DESIGN.md (``openbox.models.cnn``'s layout),
+``random_cnn(seed)`` is the reference CNN of DESIGN.md (``openbox.fmnist.models.cnn``'s layout),
 2 x [conv3x3 - BN - ReLU - maxpool2] - linear, channels (16, 32), on (1, 28, 28) inputs;
 pass ``channels=(4, 8)`` for a faster one.
 """

@@ -20,10 +20,10 @@ import pytest
 import torch
 
 from openbox import cli
-from openbox.checkpoints import load_checkpoint
-from openbox.cli import DEMO_CLASSES, demo_checkpoint
-from openbox.data import CLASSES, DATA_DIR_ENV, load_sample, write_idx
 from openbox.engine import OpenBox, VerificationReport
+from openbox.fmnist.checkpoints import load_checkpoint
+from openbox.fmnist.data import CLASSES, DATA_DIR_ENV, load_sample, write_idx
+from openbox.fmnist.demo import DEMO_CLASSES, demo_checkpoint, demo_indices
 
 DEMO = demo_checkpoint()
 TIMEOUT_S = 300  # a hung command fails the test instead of the whole run
@@ -72,10 +72,10 @@ def test_demo_writes_the_figure_and_a_summary_of_every_image(demo_run):
     assert_png(out / cli.DEMO_FIGURE)
     summary = (out / cli.DEMO_SUMMARY).read_text()
     sample = load_sample()
-    for index in cli.demo_indices(sample.labels):
+    for index in demo_indices(sample.labels):
         row = next(line for line in summary.splitlines() if line.split()[:1] == [str(index)])
         assert CLASSES[int(sample.labels[index])][:12] in row and " ok " in row, row
-    assert len(cli.demo_indices(sample.labels)) == len(DEMO_CLASSES)
+    assert len(demo_indices(sample.labels)) == len(DEMO_CLASSES)
     assert f"{len(DEMO_CLASSES)}/{len(DEMO_CLASSES)} explanations verified exact" in summary
     assert f"out/{cli.DEMO_FIGURE}" in proc.stdout and f"out/{cli.DEMO_SUMMARY}" in proc.stdout
 

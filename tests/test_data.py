@@ -1,4 +1,4 @@
-"""openbox.data: IDX files, folders, download errors, offline copy, sample, binary tasks."""
+"""openbox.fmnist.data: IDX files, folders, download errors, offline copy, sample, binary tasks."""
 
 from __future__ import annotations
 
@@ -15,8 +15,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from openbox import data
-from openbox.data import (
+from openbox.fmnist import data
+from openbox.fmnist.data import (
     CLASSES,
     DATA_DIR_ENV,
     IDX_IMAGES_MAGIC,

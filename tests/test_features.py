@@ -17,10 +17,10 @@ from _models import random_cnn, random_mlp
 from matplotlib.figure import Figure
 
 import openbox
-from openbox.checkpoints import load_checkpoint
-from openbox.cli import demo_checkpoint
-from openbox.data import CLASSES, load_sample
 from openbox.features import DecisionFeatures, decision_features
+from openbox.fmnist.checkpoints import load_checkpoint
+from openbox.fmnist.data import CLASSES, load_sample
+from openbox.fmnist.demo import demo_checkpoint
 from openbox.plotting import plot_decision_features, plot_grid
 
 F64 = torch.float64

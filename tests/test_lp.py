@@ -8,7 +8,7 @@ import scipy.optimize
 import scipy.sparse as sp
 import torch
 
-from openbox.lp import IncrementalLP, LPError, solve_lp
+from openbox.geometry.lp import IncrementalLP, LPError, solve_lp
 from openbox.tolerances import FLOAT64
 
 TOL = FLOAT64

@@ -1,4 +1,4 @@
-"""openbox.models, openbox.training, openbox.checkpoints."""
+"""openbox.fmnist.models, openbox.fmnist.training, openbox.fmnist.checkpoints."""
 
 from __future__ import annotations
 
@@ -10,11 +10,11 @@ import pytest
 import torch
 from torch import nn
 
-from openbox import checkpoints, models
-from openbox.checkpoints import CheckpointError, load_checkpoint, save_checkpoint
-from openbox.data import load_sample
-from openbox.models import INPUT_SHAPE, MODEL_NAMES, MODELS, build_model, count_parameters
-from openbox.training import TrainResult, evaluate, train
+from openbox.fmnist import checkpoints, models
+from openbox.fmnist.checkpoints import CheckpointError, load_checkpoint, save_checkpoint
+from openbox.fmnist.data import load_sample
+from openbox.fmnist.models import INPUT_SHAPE, MODEL_NAMES, MODELS, build_model, count_parameters
+from openbox.fmnist.training import TrainResult, evaluate, train
 
 PIECEWISE_LINEAR = (nn.Sequential, nn.Linear, nn.Conv2d, nn.BatchNorm1d, nn.BatchNorm2d, nn.ReLU,
                     nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.Flatten)

@@ -11,7 +11,7 @@ import pytest
 import torch
 from scipy.spatial import ConvexHull, HalfspaceIntersection
 
-from openbox.polytope import (
+from openbox.geometry import (
     EmptyPolytopeError,
     Polytope,
     compute_chebyshev_center,
@@ -356,7 +356,7 @@ def test_irredundant_in_higher_dimension_agrees_with_plain_lps():
     rng = np.random.default_rng(5)
     A, d, _ = random_polytope(rng, 150, 6)
     got = set(compute_irredundant(A, d, tol=TOL).tolist())
-    from openbox.lp import solve_lp
+    from openbox.geometry.lp import solve_lp
 
     want = set()
     for i in range(A.shape[0]):

@@ -7,7 +7,7 @@ str, int, float, bool, None, lists, dicts), so it loads with
     {
         "format": "openbox-checkpoint",        # CHECKPOINT_FORMAT
         "version": 1,                          # CHECKPOINT_VERSION
-        "arch": "cnn",                         # a name in openbox.models.MODEL_NAMES
+        "arch": "cnn",                         # a name in openbox.fmnist.models.MODEL_NAMES
         "arch_kwargs": {"channels": [8, 16]},  # options for build_model (lists, not tuples)
         "num_classes": 10,
         "input_shape": [1, 28, 28],            # (C, H, W) of one input
@@ -42,8 +42,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from openbox.data import atomic_target
-from openbox.models import INPUT_SHAPE, MODEL_NAMES, build_model
+from openbox.fmnist.idx import atomic_target
+from openbox.fmnist.models import INPUT_SHAPE, MODEL_NAMES, build_model
 
 __all__ = [
     "CHECKPOINT_FORMAT",
@@ -222,7 +222,7 @@ def save_checkpoint(path: str | os.PathLike, model: nn.Module, *, arch: str,
     Args:
         path: destination (``.pt``).
         model: the trained model (any device; weights are stored on CPU).
-        arch: a name in :data:`openbox.models.MODEL_NAMES`.
+        arch: a name in :data:`openbox.fmnist.models.MODEL_NAMES`.
         arch_kwargs: the options the model was built with (plain data).
         num_classes: number of logits.
         input_shape: ``(C, H, W)`` of one input.

@@ -33,15 +33,13 @@ import highspy
 import numpy as np
 import scipy.sparse as sp
 
+from openbox.geometry.hrep import _block_rows, as_numpy
 from openbox.tolerances import Tolerances
 
-__all__ = ["IncrementalLP", "LPError", "LPResult", "as_numpy", "solve_lp"]
+__all__ = ["IncrementalLP", "LPError", "LPResult", "solve_lp"]
 
 _INF = highspy.kHighsInf
 _MS = highspy.HighsModelStatus
-# Rows converted per block when a dense matrix becomes sparse or is multiplied in pieces;
-# about 32 MB of float64 per temporary whatever the width.
-_BLOCK_ELEMENTS = 1 << 22
 
 
 class LPError(RuntimeError):
@@ -70,18 +68,6 @@ class LPResult:
     message: str
     dual: np.ndarray | None = field(default=None, repr=False)
     iterations: int = 0
-
-
-def as_numpy(a, dtype=None) -> np.ndarray:
-    """A numpy view of ``a`` (numpy array, torch tensor or sequence), without a copy when
-    possible. Torch tensors are detached and moved to the CPU. ``dtype`` converts if given."""
-    if hasattr(a, "detach") and hasattr(a, "cpu"):  # torch.Tensor, without importing torch here
-        a = a.detach().cpu().numpy()
-    return np.asarray(a, dtype=dtype)
-
-
-def _block_rows(n_cols: int) -> int:
-    return max(1, _BLOCK_ELEMENTS // max(1, n_cols))
 
 
 def _to_csr(A) -> sp.csr_array:

@@ -27,6 +27,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from openbox.fmnist.data import INPUT_SHAPE
+
 __all__ = [
     "INPUT_SHAPE",
     "MODELS",
@@ -37,8 +39,6 @@ __all__ = [
     "describe_models",
 ]
 
-INPUT_SHAPE: tuple[int, int, int] = (1, 28, 28)
-"""(channels, height, width) of the images every reference model takes."""
 
 IN_CHANNELS, IMAGE_SIZE = INPUT_SHAPE[0], INPUT_SHAPE[1]
 DEFAULT_NUM_CLASSES = 10

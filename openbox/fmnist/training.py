@@ -1,4 +1,4 @@
-"""Train and evaluate classifiers on a :class:`openbox.data.Dataset`.
+"""Train and evaluate classifiers on a :class:`openbox.fmnist.data.Dataset`.
 
 ``train`` is plain minibatch Adam on the cross-entropy, deterministic given ``seed``
 on a given machine and thread count: the shuffling order comes from its own
@@ -19,7 +19,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from openbox.data import Dataset
+from openbox.fmnist.data import Dataset
 
 __all__ = ["TrainResult", "evaluate", "train"]
 
