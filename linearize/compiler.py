@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import copy
 import inspect
-import operator
 from collections.abc import Sequence
 from dataclasses import dataclass
 from math import prod
@@ -26,7 +25,7 @@ import linearize.ops  # noqa: F401  (registers the lowerings)
 from linearize import passes
 from linearize.errors import CompileError, Offender, TrainingModeError, UnsupportedLayerError
 from linearize.ir import Add, Affine, LinearOperator, MaxPool, Node, Program, ReLU
-from linearize.registry import FUNCTION_LOWERINGS, METHOD_LOWERINGS, module_lowering
+from linearize.registry import callable_name, function_lowering, method_lowering, module_lowering
 from linearize.tolerances import within
 
 TRACE_BATCH = 3
@@ -234,14 +233,6 @@ def _writes_first_argument(n: fx.Node, gm: fx.GraphModule) -> bool:
     return bound.arguments.get("inplace") is True
 
 
-def _callable_name(f) -> str:
-    name = getattr(f, "__name__", repr(f))
-    for prefix, mod in (("F", nn.functional), ("torch", torch), ("operator", operator)):
-        if getattr(mod, name, None) is f:
-            return f"{prefix}.{name}"
-    return getattr(f, "__module__", "") + "." + name if getattr(f, "__module__", None) else name
-
-
 # --------------------------------------------------------------------------- lowering
 
 
@@ -355,7 +346,7 @@ class _Lowering:
             return f"Tensor.{n.target}"
         if n.op == "output":
             return "return"
-        return _callable_name(n.target)
+        return callable_name(n.target)
 
     def _offend(self, n: fx.Node, reason: str = "") -> object:
         self.offenders.append(Offender(self._path, self._kind(n), reason))
@@ -391,8 +382,10 @@ class _Lowering:
                 if len(n.args) != 1 or n.kwargs:
                     self.unsupported("called with more than one argument")
                 return fn(self, module, self.value(n.args[0]))
-            table = FUNCTION_LOWERINGS if n.op == "call_function" else METHOD_LOWERINGS
-            fn = table.get(n.target)
+            if n.op == "call_function":
+                fn = function_lowering(n.target)
+            else:
+                fn = method_lowering(n.target)
             if fn is None:
                 return self._offend(n)
             return fn(self, *n.args, **n.kwargs)

@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from linearize.registry import supported
+
 
 @dataclass(frozen=True)
 class Offender:
@@ -26,21 +28,12 @@ class Offender:
         return f"{where} ({self.kind}{detail})"
 
 
-SUPPORTED = (
-    "Supported: Linear; Conv1d/Conv2d (padding_mode='zeros'); BatchNorm1d/BatchNorm2d in eval "
-    "mode with running statistics; ReLU; LeakyReLU; MaxPool1d/MaxPool2d; AvgPool1d/AvgPool2d; "
-    "AdaptiveAvgPool1d/AdaptiveAvgPool2d; Flatten; Dropout in eval mode; Identity; the functions "
-    "F.relu, F.leaky_relu, F.max_pool1d/2d, F.avg_pool1d/2d, F.adaptive_avg_pool1d/2d, "
-    "torch.flatten, x.view/x.reshape/x.flatten that keep the batch dimension; and the sum "
-    "a + b of two tensors of the same shape."
-)
-
-
 class UnsupportedLayerError(TypeError):
     """The model uses something that is not a piecewise-linear layer this compiler knows.
 
     ``offenders`` lists every offending module or call, in graph order; the message
-    names each by its module path and type and says what is supported.
+    names each by its module path and type and says what is supported (generated from
+    the lowering registries by :func:`linearize.registry.supported`).
     """
 
     noun = ("module", "modules")
@@ -54,7 +47,7 @@ class UnsupportedLayerError(TypeError):
         msg = f"Cannot linearize {n} {noun}: {listed}. {self.summary}"
         if detail:
             msg += f" {detail}"
-        super().__init__(f"{msg} {SUPPORTED}" if type(self) is UnsupportedLayerError else msg)
+        super().__init__(f"{msg} {supported()}" if type(self) is UnsupportedLayerError else msg)
 
 
 class TrainingModeError(UnsupportedLayerError):

@@ -17,7 +17,14 @@ from _models import random_cnn, random_input, randomize_
 from torch import nn
 
 import linearize
-from linearize.errors import SUPPORTED
+from linearize.registry import (
+    FUNCTION_LOWERINGS,
+    METHOD_LOWERINGS,
+    MODULE_LOWERINGS,
+    callable_name,
+    register_module,
+    supported,
+)
 
 SUMMARY = "Only piecewise-linear layers are supported."
 
@@ -37,13 +44,20 @@ def test_two_unsupported_modules_full_message():
     err = unsupported(model, (1, 8, 8))
     assert str(err) == (
         "Cannot linearize 2 modules: 'features.4' (GELU), 'head.1' (Softmax). "
-        "Only piecewise-linear layers are supported. Supported: Linear; Conv1d/Conv2d "
-        "(padding_mode='zeros'); BatchNorm1d/BatchNorm2d in eval mode with running statistics; "
-        "ReLU; LeakyReLU; MaxPool1d/MaxPool2d; AvgPool1d/AvgPool2d; "
-        "AdaptiveAvgPool1d/AdaptiveAvgPool2d; Flatten; Dropout in eval mode; Identity; the "
-        "functions F.relu, F.leaky_relu, F.max_pool1d/2d, F.avg_pool1d/2d, "
-        "F.adaptive_avg_pool1d/2d, torch.flatten, x.view/x.reshape/x.flatten that keep the "
-        "batch dimension; and the sum a + b of two tensors of the same shape."
+        "Only piecewise-linear layers are supported. Supported modules: "
+        "AdaptiveAvgPool1d/AdaptiveAvgPool2d; "
+        "AlphaDropout/Dropout/Dropout1d/Dropout2d/Dropout3d (in eval mode, or p=0); "
+        "AvgPool1d/AvgPool2d; BatchNorm1d/BatchNorm2d (in eval mode, with running statistics); "
+        "Conv1d/Conv2d (padding_mode='zeros'); Flatten/Unflatten (keeping the batch dimension); "
+        "Identity; LeakyReLU; Linear; MaxPool1d/MaxPool2d (return_indices=False); ReLU. "
+        "Supported calls: F.adaptive_avg_pool1d/F.adaptive_avg_pool2d; F.avg_pool1d/F.avg_pool2d; "
+        "F.dropout/F.dropout1d/F.dropout2d (training=False, or p=0); F.leaky_relu; "
+        "F.max_pool1d/F.max_pool2d (return_indices=False); "
+        "F.relu/F.relu_/Tensor.relu/Tensor.relu_/torch.relu; "
+        "operator.add/operator.iadd/Tensor.__add__/Tensor.__iadd__/Tensor.add/Tensor.add_/"
+        "torch.add (the sum of two tensors of the same shape); Tensor.contiguous; "
+        "Tensor.flatten/Tensor.reshape/Tensor.view/torch.flatten/torch.reshape (keeping the "
+        "batch dimension); torch.max_pool1d/torch.max_pool2d."
     )
     assert [(o.path, o.kind) for o in err.offenders] == [("features.4", "GELU"),
                                                         ("head.1", "Softmax")]
@@ -83,7 +97,44 @@ def _one(err, path, kind, reason=""):
     where = repr(path) if path else "'<model>'"
     detail = f": {o.reason}" if o.reason else ""
     assert str(err).startswith(f"Cannot linearize 1 module: {where} ({kind}{detail}). {SUMMARY}")
-    assert str(err).endswith(SUPPORTED)
+    assert str(err).endswith(supported())
+
+
+def _names(message: str, name: str) -> bool:
+    """Is ``name`` in ``message`` as a whole name (Dropout, not the end of AlphaDropout)?"""
+    return re.search(rf"(?<![\w.]){re.escape(name)}(?![\w])", message) is not None
+
+
+def test_supported_names_every_registered_lowering():
+    message = supported()
+    missing = [t.__name__ for t in MODULE_LOWERINGS if not _names(message, t.__name__)]
+    missing += [callable_name(f) for f in FUNCTION_LOWERINGS
+                if not _names(message, callable_name(f))]
+    missing += [f"Tensor.{n}" for n in METHOD_LOWERINGS if not _names(message, f"Tensor.{n}")]
+    assert not missing, message
+    for t, reg in MODULE_LOWERINGS.items():  # each condition is said next to its types
+        if reg.condition:
+            assert re.search(rf"{t.__name__}[\w/]* \({re.escape(reg.condition)}\)", message)
+
+
+def test_supported_follows_a_new_registration():
+    class Double(nn.Module):
+        def forward(self, x):
+            return 2 * x
+
+    assert not _names(supported(), "Double")
+
+    @register_module(Double, condition="a doubling, for this test")
+    def lower(ctx, module, x):
+        return x
+
+    try:
+        assert "; Double (a doubling, for this test); " in supported()
+        err = unsupported(nn.Sequential(nn.Linear(4, 4), nn.GELU()).eval(), (4,))
+        assert "Double (a doubling, for this test)" in str(err)
+    finally:
+        MODULE_LOWERINGS.pop(Double)
+    assert not _names(supported(), "Double")
 
 
 @pytest.mark.parametrize("layer", [nn.Sigmoid(), nn.Tanh(), nn.GELU(), nn.Softplus(),

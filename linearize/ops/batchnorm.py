@@ -43,7 +43,8 @@ class ChannelScale(LinearOperator):
         return prod(self.in_shape)
 
 
-@register_module(nn.BatchNorm1d, nn.BatchNorm2d)
+@register_module(nn.BatchNorm1d, nn.BatchNorm2d,
+                 condition="in eval mode, with running statistics")
 def lower_batchnorm(ctx, module: nn.modules.batchnorm._BatchNorm, x: int) -> int:
     if module.training:
         ctx.unsupported("in training mode; call model.eval()")

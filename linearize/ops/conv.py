@@ -131,7 +131,7 @@ def conv_padding(module: nn.modules.conv._ConvNd) -> tuple[tuple[int, int], ...]
     return tuple((p, p) for p in module.padding)
 
 
-@register_module(nn.Conv1d, nn.Conv2d)
+@register_module(nn.Conv1d, nn.Conv2d, condition="padding_mode='zeros'")
 def lower_conv(ctx, module: nn.modules.conv._ConvNd, x: int) -> int:
     if module.padding_mode != "zeros":
         ctx.unsupported(f"padding_mode={module.padding_mode!r}; only 'zeros' is supported")

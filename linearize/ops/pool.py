@@ -185,6 +185,9 @@ def max_pool_window(
     return np.where(spatial[None] >= 0, spatial[None] + c, -1).reshape(-1, spatial.shape[1])
 
 
+_MAX_CONDITION = "return_indices=False"
+
+
 def _max(ctx, x: int, kernel, stride, padding, dilation, return_indices=False) -> int:
     if return_indices:
         ctx.unsupported("return_indices=True")
@@ -197,14 +200,14 @@ def _max(ctx, x: int, kernel, stride, padding, dilation, return_indices=False) -
     return ctx.maxpool(x, torch.from_numpy(window))
 
 
-@register_module(nn.MaxPool1d, nn.MaxPool2d)
+@register_module(nn.MaxPool1d, nn.MaxPool2d, condition=_MAX_CONDITION)
 def lower_max_pool(ctx, module, x: int) -> int:
     # ceil_mode only changes the output size, which comes from the traced shape
     return _max(ctx, x, module.kernel_size, module.stride, module.padding, module.dilation,
                 module.return_indices)
 
 
-@register_function(F.max_pool1d, F.max_pool2d)
+@register_function(F.max_pool1d, F.max_pool2d, condition=_MAX_CONDITION)
 def lower_max_pool_call(ctx, x, kernel_size, stride=None, padding=0, dilation=1,
                         ceil_mode=False, return_indices=False) -> int:
     return _max(ctx, ctx.value(x), kernel_size, stride, padding, dilation, return_indices)

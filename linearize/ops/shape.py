@@ -51,18 +51,16 @@ def _reshape_to_traced(ctx, x: int) -> int:
     return ctx.affine(x, Reshape(in_shape, out_shape), None)
 
 
-@register_module(nn.Flatten)
-def lower_flatten_module(ctx, module: nn.Flatten, x: int) -> int:
+_KEEPS_BATCH = "keeping the batch dimension"
+
+
+@register_module(nn.Flatten, nn.Unflatten, condition=_KEEPS_BATCH)
+def lower_flatten_module(ctx, module: nn.Module, x: int) -> int:
     return _reshape_to_traced(ctx, x)
 
 
-@register_module(nn.Unflatten)
-def lower_unflatten_module(ctx, module: nn.Unflatten, x: int) -> int:
-    return _reshape_to_traced(ctx, x)
-
-
-@register_function(torch.flatten, torch.reshape)
-@register_method("flatten", "view", "reshape")
+@register_function(torch.flatten, torch.reshape, condition=_KEEPS_BATCH)
+@register_method("flatten", "view", "reshape", condition=_KEEPS_BATCH)
 def lower_reshape_call(ctx, x, *args, **kwargs) -> int:
     return _reshape_to_traced(ctx, ctx.value(x))
 
@@ -77,13 +75,14 @@ def lower_identity(ctx, module: nn.Module, x: int) -> int:
     return x
 
 
-@register_module(nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout)
+@register_module(nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout,
+                 condition="in eval mode, or p=0")
 def lower_dropout(ctx, module: nn.Module, x: int) -> int:
     # training-mode dropout is rejected before tracing (TrainingModeError)
     return x
 
 
-@register_function(F.dropout, F.dropout1d, F.dropout2d)
+@register_function(F.dropout, F.dropout1d, F.dropout2d, condition="training=False, or p=0")
 def lower_dropout_call(ctx, x, p=0.5, training=True, inplace=False) -> int:
     if training and p > 0:
         ctx.unsupported("dropout called with training=True")
