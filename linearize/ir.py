@@ -99,6 +99,23 @@ class LinearOperator(abc.ABC):
         weights = {k: v.abs() for k, v in self.tensors().items() if v.is_floating_point()}
         return dataclasses.replace(self, **weights)
 
+    def scale_output(self, scale: Tensor) -> LinearOperator | None:
+        """The operator ``diag(s) M``: output channel c (the first output dimension)
+        multiplied by ``scale[c]``, or None if this family cannot absorb it.
+
+        Args:
+            scale: (out_shape[0],), same dtype and device as the operator.
+
+        Used to fold batch-norm into the map before it; the default (None) leaves
+        the per-channel scale as a separate node, which is always correct.
+        """
+        return None
+
+    def channel_scale(self) -> Tensor | None:
+        """If this operator only scales each channel (``y[c, ...] = s[c] x[c, ...]``),
+        ``s`` as a (C, 1, ..., 1) tensor broadcastable to ``out_shape``; else None."""
+        return None
+
     @property
     def nnz(self) -> int:
         """Structural non-zeros of :meth:`matrix`."""

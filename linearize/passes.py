@@ -5,9 +5,6 @@ from __future__ import annotations
 import dataclasses
 
 from linearize.ir import Affine, Node, Program
-from linearize.ops.batchnorm import ChannelScale
-from linearize.ops.conv import Conv
-from linearize.ops.linear import Dense
 
 
 def rebuild(program: Program, replace: dict[int, Node | None]) -> Program:
@@ -29,15 +26,19 @@ def rebuild(program: Program, replace: dict[int, Node | None]) -> Program:
 
 
 def fold_batchnorm(program: Program) -> Program:
-    """Merge each per-channel scale (an eval-mode BatchNorm) into the conv / linear map
-    that feeds it, when that map feeds nothing else.
+    """Merge each per-channel scale (an eval-mode BatchNorm) into the affine map that
+    feeds it, when that map feeds nothing else and its operator family can absorb the
+    scale (:meth:`LinearOperator.scale_output`; Conv and Dense can).
 
     ``s * (W x + b) + t = (s W) x + (s b + t)``. The unfolded program stays valid;
     this pass only saves one elementwise pass per batch-norm.
     """
     replace: dict[int, Node | None] = {}
     for k, node in enumerate(program.nodes):
-        if not (isinstance(node, Affine) and isinstance(node.op, ChannelScale)):
+        if not isinstance(node, Affine):
+            continue
+        s = node.op.channel_scale()  # (C, 1, ..., 1) or None
+        if s is None:
             continue
         src = node.inputs[0]
         if src == 0 or program.users[src] != (k,) or src == program.output:
@@ -46,15 +47,12 @@ def fold_batchnorm(program: Program) -> Program:
         prev = program.nodes[j]
         if not isinstance(prev, Affine) or j in replace:
             continue
-        scale = node.op.scale.reshape(-1)  # (C,)
-        if isinstance(prev.op, Conv):
-            w = prev.op.weight * scale.reshape(-1, *([1] * (prev.op.weight.dim() - 1)))
-            op = dataclasses.replace(prev.op, weight=w)
-        elif isinstance(prev.op, Dense) and len(prev.out_shape) == 1:
-            op = dataclasses.replace(prev.op, weight=prev.op.weight * scale[:, None])
-        else:
+        op = prev.op.scale_output(s.reshape(-1))
+        if op is None:
             continue
-        bias = node.bias if prev.bias is None else prev.bias * node.op.scale + node.bias
+        terms = [b for b in (None if prev.bias is None else prev.bias * s, node.bias)
+                 if b is not None]
+        bias = None if not terms else terms[0] if len(terms) == 1 else terms[0] + terms[1]
         replace[j] = dataclasses.replace(prev, op=op, bias=bias, name=f"{prev.name}+{node.name}")
         replace[k] = None
     return rebuild(program, replace) if replace else program

@@ -35,6 +35,9 @@ class ChannelScale(LinearOperator):
         n = diag.size  # keeps a zero scale as a structural entry, so nnz holds
         return sp.csr_array((diag, np.arange(n), np.arange(n + 1)), shape=(n, n))
 
+    def channel_scale(self) -> Tensor:
+        return self.scale
+
     def describe(self) -> str:
         return f"ChannelScale {self.in_shape[0]}"
 

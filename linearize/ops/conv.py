@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from math import prod
 
@@ -109,6 +110,11 @@ class Conv(LinearOperator):
             [a for a, _ in self.padding], self.dilation,
         )
         return int((idx >= 0).sum()) * self.weight.shape[0] * self.weight.shape[1]
+
+    def scale_output(self, scale: Tensor) -> Conv:
+        """Output channel c scaled by ``scale[c]`` (C_out,): the kernels of channel c are."""
+        w = self.weight * scale.reshape(-1, *([1] * (self.weight.dim() - 1)))
+        return dataclasses.replace(self, weight=w)
 
     def describe(self) -> str:
         k = "x".join(map(str, self.weight.shape[2:]))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from math import prod
 
@@ -39,6 +40,14 @@ class Dense(LinearOperator):
         w = sp.csr_array((w.ravel(), (rows.ravel(), cols.ravel())), shape=w.shape)
         lead = prod(self.in_shape[:-1])
         return sp.csr_array(sp.kron(sp.eye_array(lead), w)) if lead > 1 else w
+
+    def scale_output(self, scale: Tensor) -> Dense | None:
+        """Row i scaled by ``scale[i]`` (out_features,) when the output is a vector; with
+        leading dimensions the channel is the first of them, which the shared weight
+        cannot scale on its own, so None."""
+        if len(self.out_shape) != 1:
+            return None
+        return dataclasses.replace(self, weight=self.weight * scale[:, None])
 
     def describe(self) -> str:
         o, i = self.weight.shape
