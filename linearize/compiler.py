@@ -15,6 +15,7 @@ import inspect
 from collections.abc import Sequence
 from dataclasses import dataclass
 from math import prod
+from typing import NoReturn
 
 import torch
 import torch.fx as fx
@@ -245,12 +246,9 @@ class _Unlowered(Node):
 
 
 class _Lowering:
-    """Walks the traced graph and emits IR nodes; the ``ctx`` handed to every lowering.
-
-    Lowerings use: ``shape(v)``, ``out_shape``, ``value(arg)``, ``is_value(arg)``,
-    ``param(t)``, ``affine(x, op, bias)``, ``relu(x, slope)``, ``maxpool(x, window)``,
-    ``add(a, b)``, ``unsupported(reason)``, ``require_batch_preserved()``.
-    """
+    """Walks the traced graph and emits IR nodes; the ``ctx`` handed to every lowering,
+    implementing :class:`~linearize.registry.LoweringContext` (its "ctx interface"
+    section below)."""
 
     def __init__(self, gm: fx.GraphModule, input_shape: tuple[int, ...],
                  alt_batch: dict[fx.Node, int]):
@@ -272,10 +270,10 @@ class _Lowering:
     def out_shape(self) -> tuple[int, ...]:
         return tuple(self._fx.meta["tensor_meta"].shape[1:])
 
-    def is_value(self, arg) -> bool:
+    def is_value(self, arg: object) -> bool:
         return isinstance(arg, fx.Node) and isinstance(self.env.get(arg), int)
 
-    def value(self, arg) -> int:
+    def value(self, arg: object) -> int:
         if not self.is_value(arg):
             self.unsupported("an argument that is not a tensor computed from the input")
         return self.env[arg]
@@ -284,7 +282,7 @@ class _Lowering:
     def param(t: Tensor) -> Tensor:
         return t.detach().to(device="cpu", dtype=torch.float64).clone()
 
-    def unsupported(self, reason: str):
+    def unsupported(self, reason: str) -> NoReturn:
         raise _Unsupported(reason)
 
     def require_batch_preserved(self) -> None:

@@ -14,12 +14,74 @@ from __future__ import annotations
 import operator
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, NoReturn, Protocol
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
-ModuleLowering = Callable  # (ctx, module, x: int) -> int
-FunctionLowering = Callable  # (ctx, *args, **kwargs) -> int
+if TYPE_CHECKING:  # ir imports errors, which imports this module
+    from linearize.ir import LinearOperator
+
+
+class LoweringContext(Protocol):
+    """What a lowering may ask of the compiler while it lowers one traced call.
+
+    Values are ints naming program values: 0 is the input, ``k`` the output of IR
+    node ``k - 1``. Shapes are per example (no batch dimension). The compiler's
+    walk over the traced graph (``linearize.compiler._Lowering``) implements it.
+    """
+
+    @property
+    def out_shape(self) -> tuple[int, ...]:
+        """Per-example shape of the call's result, as torch computed it when tracing."""
+        ...
+
+    def shape(self, value: int) -> tuple[int, ...]:
+        """Per-example shape of a program value."""
+        ...
+
+    def is_value(self, arg: object) -> bool:
+        """Is this call argument a tensor computed from the input (a program value)?"""
+        ...
+
+    def value(self, arg: object) -> int:
+        """The program value of a call argument; :meth:`unsupported` if it is none."""
+        ...
+
+    def param(self, t: Tensor) -> Tensor:
+        """A parameter or buffer as a detached float64 CPU copy for the program."""
+        ...
+
+    def unsupported(self, reason: str) -> NoReturn:
+        """Reject this call; the compiler reports it, with ``reason``, among all offenders."""
+        ...
+
+    def require_batch_preserved(self) -> None:
+        """Reject this reshape unless it keeps the batch dimension (mixes no examples)."""
+        ...
+
+    def affine(self, x: int, op: LinearOperator, bias: Tensor | None) -> int:
+        """Emit ``y = op(x) + bias``; bias broadcastable to ``op.out_shape``, or None."""
+        ...
+
+    def relu(self, x: int, negative_slope: float) -> int:
+        """Emit a (leaky) ReLU gate on x."""
+        ...
+
+    def maxpool(self, x: int, window: Tensor) -> int:
+        """Emit a max-pool gate; window int64 (prod(out_shape), K) of flat input indices,
+        -1 for padding, with a real input position in every row."""
+        ...
+
+    def add(self, a: int, b: int) -> int:
+        """Emit ``a + b`` for two values of the same shape."""
+        ...
+
+
+ModuleLowering = Callable[[LoweringContext, nn.Module, int], int]
+"""``fn(ctx, module, x) -> value``."""
+FunctionLowering = Callable[..., int]
+"""``fn(ctx, *args, **kwargs) -> value``, the traced call's own arguments."""
 
 
 @dataclass(frozen=True)
@@ -32,7 +94,7 @@ class Registration:
             ``"padding_mode='zeros'"``; empty if it always does.
     """
 
-    lowering: Callable
+    lowering: ModuleLowering | FunctionLowering
     condition: str = ""
 
 

@@ -6,14 +6,14 @@ import operator
 
 import torch
 
-from linearize.registry import register_function, register_method
+from linearize.registry import LoweringContext, register_function, register_method
 
 _SAME_SHAPE = "the sum of two tensors of the same shape"
 
 
 @register_function(operator.add, operator.iadd, torch.add, condition=_SAME_SHAPE)
 @register_method("add", "add_", "__add__", "__iadd__", condition=_SAME_SHAPE)
-def lower_add(ctx, a, b, alpha=1) -> int:
+def lower_add(ctx: LoweringContext, a, b, alpha=1) -> int:
     if not (ctx.is_value(a) and ctx.is_value(b)):
         ctx.unsupported("adding a constant; only the sum of two tensors is supported")
     if alpha != 1:

@@ -11,7 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from linearize.ir import LinearOperator
-from linearize.registry import register_module
+from linearize.registry import LoweringContext, register_module
 
 
 @dataclass(frozen=True, eq=False)
@@ -48,7 +48,7 @@ class ChannelScale(LinearOperator):
 
 @register_module(nn.BatchNorm1d, nn.BatchNorm2d,
                  condition="in eval mode, with running statistics")
-def lower_batchnorm(ctx, module: nn.modules.batchnorm._BatchNorm, x: int) -> int:
+def lower_batchnorm(ctx: LoweringContext, module: nn.modules.batchnorm._BatchNorm, x: int) -> int:
     if module.training:
         ctx.unsupported("in training mode; call model.eval()")
     if module.running_mean is None or module.running_var is None:

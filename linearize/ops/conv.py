@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from linearize.ir import LinearOperator
-from linearize.registry import register_module
+from linearize.registry import LoweringContext, register_module
 from linearize.windows import window_table
 
 _CONV = {1: F.conv1d, 2: F.conv2d}
@@ -138,7 +138,7 @@ def conv_padding(module: nn.modules.conv._ConvNd) -> tuple[tuple[int, int], ...]
 
 
 @register_module(nn.Conv1d, nn.Conv2d, condition="padding_mode='zeros'")
-def lower_conv(ctx, module: nn.modules.conv._ConvNd, x: int) -> int:
+def lower_conv(ctx: LoweringContext, module: nn.modules.conv._ConvNd, x: int) -> int:
     if module.padding_mode != "zeros":
         ctx.unsupported(f"padding_mode={module.padding_mode!r}; only 'zeros' is supported")
     op = Conv(

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from linearize.ir import LinearOperator
-from linearize.registry import register_module
+from linearize.registry import LoweringContext, register_module
 
 
 @dataclass(frozen=True, eq=False)
@@ -59,7 +59,7 @@ class Dense(LinearOperator):
 
 
 @register_module(nn.Linear)
-def lower_linear(ctx, module: nn.Linear, x: int) -> int:
+def lower_linear(ctx: LoweringContext, module: nn.Linear, x: int) -> int:
     in_shape = ctx.shape(x)
     out_shape = (*in_shape[:-1], module.out_features)
     op = Dense(in_shape, out_shape, ctx.param(module.weight))

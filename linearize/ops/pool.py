@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from linearize.ir import LinearOperator
-from linearize.registry import register_function, register_module
+from linearize.registry import LoweringContext, register_function, register_module
 from linearize.windows import window_table
 
 _AVG = {1: F.avg_pool1d, 2: F.avg_pool2d}
@@ -129,7 +129,8 @@ class AdaptiveAvgPool(LinearOperator):
         return f"AdaptiveAvgPool -> {'x'.join(map(str, self.out_shape[1:]))}"
 
 
-def _avg(ctx, x: int, kernel, stride, padding, ceil_mode, count_include_pad, divisor_override):
+def _avg(ctx: LoweringContext, x: int, kernel, stride, padding, ceil_mode, count_include_pad,
+         divisor_override) -> int:
     in_shape = ctx.shape(x)
     nd = len(in_shape) - 1
     kernel = _per_dim(kernel, nd)
@@ -140,19 +141,19 @@ def _avg(ctx, x: int, kernel, stride, padding, ceil_mode, count_include_pad, div
 
 
 @register_module(nn.AvgPool1d, nn.AvgPool2d)
-def lower_avg_pool(ctx, module, x: int) -> int:
+def lower_avg_pool(ctx: LoweringContext, module, x: int) -> int:
     return _avg(ctx, x, module.kernel_size, module.stride, module.padding, module.ceil_mode,
                 module.count_include_pad, getattr(module, "divisor_override", None))
 
 
 @register_function(F.avg_pool1d, F.avg_pool2d)
-def lower_avg_pool_call(ctx, x, kernel_size, stride=None, padding=0, ceil_mode=False,
-                        count_include_pad=True, divisor_override=None) -> int:
+def lower_avg_pool_call(ctx: LoweringContext, x, kernel_size, stride=None, padding=0,
+                        ceil_mode=False, count_include_pad=True, divisor_override=None) -> int:
     return _avg(ctx, ctx.value(x), kernel_size, stride, padding, ceil_mode,
                 count_include_pad, divisor_override)
 
 
-def _adaptive(ctx, x: int) -> int:
+def _adaptive(ctx: LoweringContext, x: int) -> int:
     in_shape = ctx.shape(x)
     if ctx.out_shape == in_shape:
         return x
@@ -160,12 +161,12 @@ def _adaptive(ctx, x: int) -> int:
 
 
 @register_module(nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d)
-def lower_adaptive_avg_pool(ctx, module, x: int) -> int:
+def lower_adaptive_avg_pool(ctx: LoweringContext, module, x: int) -> int:
     return _adaptive(ctx, x)
 
 
 @register_function(F.adaptive_avg_pool1d, F.adaptive_avg_pool2d)
-def lower_adaptive_avg_pool_call(ctx, x, output_size) -> int:
+def lower_adaptive_avg_pool_call(ctx: LoweringContext, x, output_size) -> int:
     return _adaptive(ctx, ctx.value(x))
 
 
@@ -188,7 +189,8 @@ def max_pool_window(
 _MAX_CONDITION = "return_indices=False"
 
 
-def _max(ctx, x: int, kernel, stride, padding, dilation, return_indices=False) -> int:
+def _max(ctx: LoweringContext, x: int, kernel, stride, padding, dilation,
+         return_indices=False) -> int:
     if return_indices:
         ctx.unsupported("return_indices=True")
     in_shape = ctx.shape(x)
@@ -201,19 +203,19 @@ def _max(ctx, x: int, kernel, stride, padding, dilation, return_indices=False) -
 
 
 @register_module(nn.MaxPool1d, nn.MaxPool2d, condition=_MAX_CONDITION)
-def lower_max_pool(ctx, module, x: int) -> int:
+def lower_max_pool(ctx: LoweringContext, module, x: int) -> int:
     # ceil_mode only changes the output size, which comes from the traced shape
     return _max(ctx, x, module.kernel_size, module.stride, module.padding, module.dilation,
                 module.return_indices)
 
 
 @register_function(F.max_pool1d, F.max_pool2d, condition=_MAX_CONDITION)
-def lower_max_pool_call(ctx, x, kernel_size, stride=None, padding=0, dilation=1,
-                        ceil_mode=False, return_indices=False) -> int:
+def lower_max_pool_call(ctx: LoweringContext, x, kernel_size, stride=None, padding=0,
+                        dilation=1, ceil_mode=False, return_indices=False) -> int:
     return _max(ctx, ctx.value(x), kernel_size, stride, padding, dilation, return_indices)
 
 
 @register_function(torch.max_pool1d, torch.max_pool2d)
-def lower_torch_max_pool_call(ctx, x, kernel_size, stride=(), padding=0, dilation=1,
-                              ceil_mode=False) -> int:
+def lower_torch_max_pool_call(ctx: LoweringContext, x, kernel_size, stride=(), padding=0,
+                              dilation=1, ceil_mode=False) -> int:
     return _max(ctx, ctx.value(x), kernel_size, stride or None, padding, dilation)

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from linearize.ir import LinearOperator
-from linearize.registry import register_function, register_method, register_module
+from linearize.registry import LoweringContext, register_function, register_method, register_module
 
 
 @dataclass(frozen=True, eq=False)
@@ -36,7 +36,7 @@ class Reshape(LinearOperator):
         return prod(self.in_shape)
 
 
-def _reshape_to_traced(ctx, x: int) -> int:
+def _reshape_to_traced(ctx: LoweringContext, x: int) -> int:
     """A reshape whose result shape is the one observed when tracing.
 
     The compiler traced with a batch size that appears nowhere else, so a call that
@@ -55,35 +55,35 @@ _KEEPS_BATCH = "keeping the batch dimension"
 
 
 @register_module(nn.Flatten, nn.Unflatten, condition=_KEEPS_BATCH)
-def lower_flatten_module(ctx, module: nn.Module, x: int) -> int:
+def lower_flatten_module(ctx: LoweringContext, module: nn.Module, x: int) -> int:
     return _reshape_to_traced(ctx, x)
 
 
 @register_function(torch.flatten, torch.reshape, condition=_KEEPS_BATCH)
 @register_method("flatten", "view", "reshape", condition=_KEEPS_BATCH)
-def lower_reshape_call(ctx, x, *args, **kwargs) -> int:
+def lower_reshape_call(ctx: LoweringContext, x, *args, **kwargs) -> int:
     return _reshape_to_traced(ctx, ctx.value(x))
 
 
 @register_method("contiguous")
-def lower_contiguous(ctx, x, *args, **kwargs) -> int:
+def lower_contiguous(ctx: LoweringContext, x, *args, **kwargs) -> int:
     return ctx.value(x)
 
 
 @register_module(nn.Identity)
-def lower_identity(ctx, module: nn.Module, x: int) -> int:
+def lower_identity(ctx: LoweringContext, module: nn.Module, x: int) -> int:
     return x
 
 
 @register_module(nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout,
                  condition="in eval mode, or p=0")
-def lower_dropout(ctx, module: nn.Module, x: int) -> int:
+def lower_dropout(ctx: LoweringContext, module: nn.Module, x: int) -> int:
     # training-mode dropout is rejected before tracing (TrainingModeError)
     return x
 
 
 @register_function(F.dropout, F.dropout1d, F.dropout2d, condition="training=False, or p=0")
-def lower_dropout_call(ctx, x, p=0.5, training=True, inplace=False) -> int:
+def lower_dropout_call(ctx: LoweringContext, x, p=0.5, training=True, inplace=False) -> int:
     if training and p > 0:
         ctx.unsupported("dropout called with training=True")
     return ctx.value(x)
