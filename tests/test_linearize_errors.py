@@ -49,15 +49,16 @@ def test_two_unsupported_modules_full_message():
         "AlphaDropout/Dropout/Dropout1d/Dropout2d/Dropout3d (in eval mode, or p=0); "
         "AvgPool1d/AvgPool2d; BatchNorm1d/BatchNorm2d (in eval mode, with running statistics); "
         "Conv1d/Conv2d (padding_mode='zeros'); Flatten/Unflatten (keeping the batch dimension); "
-        "Identity; LeakyReLU; Linear; MaxPool1d/MaxPool2d (return_indices=False); ReLU. "
+        "Identity; LeakyReLU; Linear; "
+        "MaxPool1d/MaxPool2d (return_indices=False, every window reading the input); ReLU. "
         "Supported calls: F.adaptive_avg_pool1d/F.adaptive_avg_pool2d; F.avg_pool1d/F.avg_pool2d; "
         "F.dropout/F.dropout1d/F.dropout2d (training=False, or p=0); F.leaky_relu; "
-        "F.max_pool1d/F.max_pool2d (return_indices=False); "
+        "F.max_pool1d/F.max_pool2d (return_indices=False, every window reading the input); "
         "F.relu/F.relu_/Tensor.relu/Tensor.relu_/torch.relu; "
         "operator.add/operator.iadd/Tensor.__add__/Tensor.__iadd__/Tensor.add/Tensor.add_/"
         "torch.add (the sum of two tensors of the same shape); Tensor.contiguous; "
         "Tensor.flatten/Tensor.reshape/Tensor.view/torch.flatten/torch.reshape (keeping the "
-        "batch dimension); torch.max_pool1d/torch.max_pool2d."
+        "batch dimension); torch.max_pool1d/torch.max_pool2d (every window reading the input)."
     )
     assert [(o.path, o.kind) for o in err.offenders] == [("features.4", "GELU"),
                                                         ("head.1", "Softmax")]
@@ -428,3 +429,42 @@ def test_program_accepts_good_input(program):
     x = random_input((1, 6, 6), 2, seed=1)
     assert program(x).shape == (2, 3)
     assert program(x.float()).dtype == torch.float32
+
+
+# --------------------------------------------------------------------------- max-pool padding
+
+
+PADDING_ONLY = "lie entirely in the padding, where torch's max-pool returns -inf"
+
+
+def test_max_pool_window_entirely_in_padding_1d():
+    """Regression: this compiled to a program that failed its own lint, naming no module."""
+    model = nn.Sequential(nn.AdaptiveAvgPool1d(1), nn.MaxPool1d(2, padding=1, dilation=2),
+                          nn.ReLU(), nn.Flatten(), nn.Linear(2, 2)).eval()
+    with torch.no_grad():  # what torch does with such a window
+        pooled = model[:2](random_input((2, 18), 3, seed=0))
+    assert bool((pooled == float("-inf")).all())
+    err = unsupported(model, (2, 18))
+    _one(err, "1", "MaxPool1d", PADDING_ONLY)
+    assert "1 of 1 windows" in err.offenders[0].reason
+
+
+@pytest.mark.parametrize("functional", [False, True], ids=["module", "F.max_pool2d"])
+def test_max_pool_window_entirely_in_padding_2d(functional):
+    # height 1 with padding 1, dilation 2: every window reads rows -1 and 1 only
+    pool = (ViewAs(lambda x: F.max_pool2d(x, 2, padding=1, dilation=2)) if functional
+            else nn.MaxPool2d(2, padding=1, dilation=2))
+    model = nn.Sequential(OrderedDict(avg=nn.AdaptiveAvgPool2d((1, 4)), pool=pool)).eval()
+    with torch.no_grad():
+        assert bool((model(random_input((2, 6, 6), 2, seed=1)) == float("-inf")).all())
+    err = unsupported(model, (2, 6, 6))
+    _one(err, "pool", "F.max_pool2d" if functional else "MaxPool2d", PADDING_ONLY)
+    assert "2 of 2 windows" in err.offenders[0].reason
+
+
+def test_max_pool_window_partly_in_padding_still_compiles():
+    model = nn.Sequential(nn.MaxPool2d(2, padding=1, dilation=2), nn.Flatten()).eval()
+    prog = linearize.compile(model, (1, 3, 3))
+    x = random_input((1, 3, 3), 4, seed=2)
+    with torch.no_grad():
+        torch.testing.assert_close(prog(x), model.double()(x), rtol=0, atol=0)

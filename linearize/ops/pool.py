@@ -186,7 +186,8 @@ def max_pool_window(
     return np.where(spatial[None] >= 0, spatial[None] + c, -1).reshape(-1, spatial.shape[1])
 
 
-_MAX_CONDITION = "return_indices=False"
+_READS_INPUT = "every window reading the input"
+_MAX_CONDITION = f"return_indices=False, {_READS_INPUT}"
 
 
 def _max(ctx: LoweringContext, x: int, kernel, stride, padding, dilation,
@@ -197,8 +198,21 @@ def _max(ctx: LoweringContext, x: int, kernel, stride, padding, dilation,
     nd = len(in_shape) - 1
     kernel = _per_dim(kernel, nd)
     stride = kernel if stride is None or stride == [] else _per_dim(stride, nd)
-    window = max_pool_window(in_shape, ctx.out_shape, kernel, stride,
-                             _per_dim(padding, nd), _per_dim(dilation, nd))
+    padding, dilation = _per_dim(padding, nd), _per_dim(dilation, nd)
+    spatial = window_table(in_shape[1:], ctx.out_shape[1:], kernel, stride, padding, dilation)
+    empty = int((spatial < 0).all(axis=1).sum())
+    if empty:
+        # torch pools such a window to -inf: no finite affine piece, and a gate input
+        # of -inf has no linear form, so the network is not one this compiler can express
+        def fmt(v):
+            return "x".join(map(str, v))
+
+        ctx.unsupported(
+            f"{empty} of {spatial.shape[0]} windows per channel lie entirely in the padding, "
+            f"where torch's max-pool returns -inf; kernel {fmt(kernel)}, padding "
+            f"{fmt(padding)}, dilation {fmt(dilation)} on spatial size {fmt(in_shape[1:])}"
+        )
+    window = max_pool_window(in_shape, ctx.out_shape, kernel, stride, padding, dilation)
     return ctx.maxpool(x, torch.from_numpy(window))
 
 
@@ -215,7 +229,7 @@ def lower_max_pool_call(ctx: LoweringContext, x, kernel_size, stride=None, paddi
     return _max(ctx, ctx.value(x), kernel_size, stride, padding, dilation, return_indices)
 
 
-@register_function(torch.max_pool1d, torch.max_pool2d)
+@register_function(torch.max_pool1d, torch.max_pool2d, condition=_READS_INPUT)
 def lower_torch_max_pool_call(ctx: LoweringContext, x, kernel_size, stride=(), padding=0,
                               dilation=1, ceil_mode=False) -> int:
     return _max(ctx, ctx.value(x), kernel_size, stride or None, padding, dilation)
