@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -61,22 +62,51 @@ def tie_break_direction(
     return (u / u.norm()).to(dtype=dtype, device=device)
 
 
+KEY_FORMAT_VERSION = 1
+"""Version of the packed region-key layout (bumped whenever the packing changes)."""
+
+
+def key_context(program: Program, dtype: torch.dtype, direction: Tensor) -> bytes:
+    """16-byte BLAKE2b digest of what a region key means: the key format version, the
+    program (every node's kind, shapes and tensors), the working dtype and the tie-break
+    direction. Keys made under different contexts compare unequal."""
+    h = hashlib.blake2b(digest_size=16)
+    h.update(f"openbox-region-key/{KEY_FORMAT_VERSION}/{dtype}/".encode())
+    h.update(repr(tuple(program.input_shape)).encode())
+    for node in program.nodes:
+        h.update(f"{type(node).__name__}{node.inputs}{node.in_shape}{node.out_shape}".encode())
+        for name, t in sorted(node.tensors().items()):
+            h.update(name.encode())
+            h.update(t.detach().to("cpu", torch.float64).contiguous().numpy().tobytes())
+    h.update(direction.detach().to("cpu", torch.float64).contiguous().numpy().tobytes())
+    return h.digest()
+
+
 class RegionKey:
     """Hashable, canonical encoding of one input's configuration.
 
-    Equal keys <=> equal configurations: the key holds the packed configuration
-    itself (ReLU signs as bits, max-pool selections as window positions), not a
-    digest. ``str(key)`` shows a short digest for display.
+    Equal keys <=> equal configurations *of the same program, dtype and tie-break
+    direction*: the key holds the packed configuration itself (ReLU signs as bits,
+    max-pool selections as window positions, in a width fixed by each window's size, so
+    a key never depends on the batch it was computed in), not a digest, together with
+    the 16-byte :func:`key_context`. Keys of different contexts are never equal.
+    ``str(key)`` shows a short digest for display; :attr:`digest16` is the fixed-size
+    digest a census stores instead of the key.
     """
 
-    __slots__ = ("_bytes", "_hash")
+    __slots__ = ("_bytes", "_context", "_hash")
 
-    def __init__(self, packed: bytes):
+    def __init__(self, packed: bytes, context: bytes = b""):
         self._bytes = packed
-        self._hash = hash(packed)
+        self._context = context
+        self._hash = hash((context, packed))
 
     def __eq__(self, other) -> bool:
-        return isinstance(other, RegionKey) and self._bytes == other._bytes
+        return (
+            isinstance(other, RegionKey)
+            and self._bytes == other._bytes
+            and self._context == other._context
+        )
 
     def __hash__(self) -> int:
         return self._hash
@@ -85,14 +115,36 @@ class RegionKey:
         return self._bytes
 
     @property
+    def context(self) -> bytes:
+        """The :func:`key_context` the key was made under (b"" if none was given)."""
+        return self._context
+
+    @property
+    def digest16(self) -> bytes:
+        """16-byte BLAKE2b digest of (context, packed configuration). Two different
+        configurations share it with probability ~2^-128 per pair (birthday bound: below
+        1e-20 for 10^9 keys)."""
+        return hashlib.blake2b(self._context + self._bytes, digest_size=16).digest()
+
+    @property
     def digest(self) -> str:
         """16 hex characters of a BLAKE2b digest: for display, not for equality."""
-        return hashlib.blake2b(self._bytes, digest_size=8).hexdigest()
+        return hashlib.blake2b(self._context + self._bytes, digest_size=8).hexdigest()
 
     def __repr__(self) -> str:
         return f"RegionKey({self.digest})"
 
     __str__ = digest.fget  # type: ignore[assignment]
+
+
+def _selection_dtype(positions: int) -> np.dtype:
+    """Unsigned integer wide enough for a window of ``positions`` entries (fixed per node,
+    never taken from the data, so that keys do not depend on the batch)."""
+    if positions <= 1 << 8:
+        return np.dtype(np.uint8)
+    if positions <= 1 << 16:
+        return np.dtype("<u2")
+    return np.dtype("<u4")
 
 
 @dataclass(frozen=True, eq=False)
@@ -109,6 +161,8 @@ class Configuration:
         n_tight_relu: (B,) int64, ReLU inputs tied at 0 that are not constant.
         n_tight_pool: (B,) int64, max-pool entries tied with the selected one that
             are a different linear function.
+        window_sizes: max-pool node index -> positions per window (fixes the key width).
+        context: the :func:`key_context` stamped on region keys.
     """
 
     on: dict[int, Tensor]
@@ -116,6 +170,8 @@ class Configuration:
     index: dict[int, Tensor]
     n_tight_relu: Tensor
     n_tight_pool: Tensor
+    window_sizes: dict[int, int]
+    context: bytes = b""
 
     @property
     def batch_size(self) -> int:
@@ -127,19 +183,22 @@ class Configuration:
         return self.n_tight_relu + self.n_tight_pool
 
     def __getitem__(self, index) -> Configuration:
-        """Sub-batch: ``config[i:j]`` or ``config[[i, k]]`` (keeps the batch dimension)."""
-        if isinstance(index, int):
-            index = slice(index, index + 1)
+        """Sub-batch: ``config[i:j]``, ``config[[i, k]]``, ``config[mask]`` (keeps the
+        batch dimension); an int i gives a batch of one and raises IndexError when out of
+        range."""
+        index = batch_index(index, self.batch_size)
         return Configuration(
             {k: v[index] for k, v in self.on.items()},
             {k: v[index] for k, v in self.select.items()},
             {k: v[index] for k, v in self.index.items()},
             self.n_tight_relu[index],
             self.n_tight_pool[index],
+            self.window_sizes,
+            self.context,
         )
 
     def region_keys(self) -> tuple[RegionKey, ...]:
-        """One canonical key per input."""
+        """One canonical key per input (independent of the batch it is computed in)."""
         parts = []
         for k in sorted(set(self.on) | set(self.select)):
             if k in self.on:
@@ -147,10 +206,13 @@ class Configuration:
                 parts.append(np.packbits(bits, axis=1))
             else:
                 sel = self.select[k].cpu().numpy()
-                dt = np.uint8 if sel.size == 0 or sel.max() < 256 else np.uint16
+                dt = _selection_dtype(self.window_sizes[k])
                 parts.append(sel.astype(dt).view(np.uint8).reshape(self.batch_size, -1))
-        packed = np.concatenate(parts, axis=1) if parts else np.zeros((self.batch_size, 0))
-        return tuple(RegionKey(row.tobytes()) for row in packed)
+        packed = (
+            np.concatenate(parts, axis=1) if parts
+            else np.zeros((self.batch_size, 0), dtype=np.uint8)
+        )
+        return tuple(RegionKey(row.tobytes(), self.context) for row in packed)
 
     @staticmethod
     def concat(configs: list[Configuration]) -> Configuration:
@@ -162,92 +224,178 @@ class Configuration:
             {k: torch.cat([c.index[k] for c in configs]) for k in first.index},
             torch.cat([c.n_tight_relu for c in configs]),
             torch.cat([c.n_tight_pool for c in configs]),
+            first.window_sizes,
+            first.context,
         )
 
 
-def _near_max(a: Tensor, amax: Tensor, tol: float) -> Tensor:
-    """a within ``tol * (1 + |amax|)`` below its maximum amax (-inf entries never are)."""
-    return (amax - a) <= tol * (1 + amax.abs())
+def batch_index(index, batch_size: int):
+    """Normalise a batch index: an int becomes a slice of one (IndexError when out of
+    range), a bool mask must have length B, anything else goes to torch as it is."""
+    if isinstance(index, (int, np.integer)) and not isinstance(index, bool):
+        i = int(index)
+        if not -batch_size <= i < batch_size:
+            raise IndexError(f"index {i} is out of range for a batch of {batch_size}")
+        i %= batch_size
+        return slice(i, i + 1)
+    if isinstance(index, slice):
+        return index
+    t = torch.as_tensor(index)
+    if t.dtype == torch.bool:
+        if t.shape != (batch_size,):
+            raise IndexError(
+                f"a boolean index must have shape ({batch_size},), got {tuple(t.shape)}"
+            )
+        return t.nonzero().flatten()
+    t = t.reshape(-1).to(torch.int64)
+    if t.numel() and not bool(((t >= -batch_size) & (t < batch_size)).all()):
+        raise IndexError(f"indices {t.tolist()[:10]} are out of range for a batch of {batch_size}")
+    return t % max(batch_size, 1)
 
 
-class ConfigurationPass(Interpreter):
-    """Forward pass of values and directional derivatives that fixes every gate.
+@dataclass(frozen=True, eq=False)
+class GateValues:
+    """Every gate input's value and directional derivative (along the tie-break
+    direction, with the chosen gates) at a batch of B inputs.
 
-    Runs on a stacked batch ``[x; u]`` of shape (2B, ...) where the second half
-    carries the directional derivatives along u (no biases). Values follow the
-    network itself (plain ReLU / max); derivatives follow the chosen gates.
-    Optionally records every gate input's value and derivative, (B, *in_shape)
-    each, in ``gate_inputs`` and ``gate_derivatives``.
+    Attributes:
+        values: gate node index -> (B, *in_shape) the gate input z at x.
+        derivatives: gate node index -> (B, *in_shape) dz along the direction.
     """
 
-    def __init__(self, program: Program, tol: Tolerances, record_gate_inputs: bool = False):
+    values: dict[int, Tensor]
+    derivatives: dict[int, Tensor]
+
+    def __getitem__(self, index) -> GateValues:
+        """Sub-batch, as :meth:`Configuration.__getitem__`."""
+        b = next(iter(self.values.values())).shape[0] if self.values else 0
+        index = batch_index(index, b)
+        return GateValues(
+            {k: v[index] for k, v in self.values.items()},
+            {k: v[index] for k, v in self.derivatives.items()},
+        )
+
+
+class PassResult(NamedTuple):
+    """What one configuration pass returns: logits (B, C), the configuration and, when
+    asked for, the gate values (else None)."""
+
+    logits: Tensor
+    configuration: Configuration
+    gate_values: GateValues | None
+
+
+def configure(
+    program: Program,
+    x: Tensor,
+    direction: Tensor,
+    tol: Tolerances,
+    *,
+    record: bool = False,
+    context: bytes = b"",
+) -> PassResult:
+    """The configuration of x (B, *input_shape) under the tie-break along ``direction``,
+    with the logits, and the gate values if ``record``.
+
+    ``direction`` is (*input_shape), or (D, *input_shape) for a *lexicographic* tie-break:
+    the configuration at ``x + t1 d1 + t2 d2 + ...`` for ``t1 >> t2 >> ... > 0`` (a walk
+    along d1 that breaks ties it cannot decide along the generic d2). One forward pass of
+    (D + 1) B rows; ``gate_values.derivatives`` are those along the first direction.
+    """
+    dirs = direction.reshape(-1, *x.shape[1:]) if direction.dim() > x.dim() - 1 else \
+        direction.unsqueeze(0)
+    b, n_dir = x.shape[0], dirs.shape[0]
+    run = _ConfigurationRun(program, tol, record, b, n_dir, x.device)
+    stacked = torch.cat([x, *(d.expand_as(x) for d in dirs)])
+    with torch.no_grad():
+        out = run.run(program, stacked)
+    config = Configuration(
+        run.on, run.select, run.index, run.n_relu, run.n_pool,
+        {k: int(program.nodes[k].window.shape[1]) for k in run.select}, context,
+    )
+    gates = GateValues(run.values, run.derivatives) if record else None
+    return PassResult(out[:b], config, gates)
+
+
+class _ConfigurationRun(Interpreter):
+    """One run of :func:`configure`: a forward pass of values and directional derivatives
+    that fixes every gate, on a stacked batch ``[x; d1; ...; dD]`` of shape ((D+1)B, ...)
+    whose later blocks carry the derivatives along each direction (no biases). Values
+    follow the network itself (plain ReLU / max); derivatives follow the chosen gates.
+    Lives for one call only."""
+
+    def __init__(self, program: Program, tol: Tolerances, record: bool, b: int, n_dir: int,
+                 device):
         self.program = program
         self.tol = tol
-        self.record = record_gate_inputs
-        self.gate_inputs: dict[int, Tensor] = {}
-        self.gate_derivatives: dict[int, Tensor] = {}
+        self.record = record
+        self.b = b
+        self.n_dir = n_dir
+        self.values: dict[int, Tensor] = {}
+        self.derivatives: dict[int, Tensor] = {}
         self.on: dict[int, Tensor] = {}
         self.select: dict[int, Tensor] = {}
         self.index: dict[int, Tensor] = {}
-        self.n_relu: Tensor | None = None
-        self.n_pool: Tensor | None = None
-
-    def configure(self, x: Tensor, direction: Tensor) -> tuple[Tensor, Configuration]:
-        """x (B, *input_shape), direction (*input_shape) -> (logits (B, C), configuration)."""
-        b = x.shape[0]
-        self.n_relu = torch.zeros(b, dtype=torch.int64, device=x.device)
-        self.n_pool = torch.zeros(b, dtype=torch.int64, device=x.device)
-        stacked = torch.cat([x, direction.expand_as(x)])
-        out = self.run(self.program, stacked)
-        config = Configuration(self.on, self.select, self.index, self.n_relu, self.n_pool)
-        return out[:b], config
+        self.n_relu = torch.zeros(b, dtype=torch.int64, device=device)
+        self.n_pool = torch.zeros(b, dtype=torch.int64, device=device)
 
     def affine(self, k, node, x):
         y = node.op.apply(x)
         if node.bias is not None:
-            b = x.shape[0] // 2
-            y[:b] += node.bias
+            y[: self.b] += node.bias
         return y
 
     def relu(self, k, node: ReLU, x):
-        b = x.shape[0] // 2
-        z, dz = x[:b], x[b:]
+        b = self.b
+        z = x[:b]
+        dz = x[b:].reshape(self.n_dir, b, *x.shape[1:])
         if self.record:
-            self.gate_inputs[k], self.gate_derivatives[k] = z, dz
+            self.values[k], self.derivatives[k] = z, dz[0]
         on = z > 0
-        tied = z.abs() <= self.tol.tie
+        tied = self.tol.relu_tied(z)
         if bool(tied.any()):
-            on = torch.where(tied, dz > self.tol.same_function, on)
-            moving = dz.abs() > self.tol.same_function
-            self.n_relu += (tied & moving).reshape(b, -1).sum(1)
+            # lexicographic: the first direction along which the input moves decides
+            decided = ~tied
+            moving_any = torch.zeros_like(tied)
+            for i in range(self.n_dir):
+                moving = self.tol.relu_moving(dz[i]) & ~decided
+                on = torch.where(moving, dz[i] > 0, on)
+                decided |= moving
+                moving_any |= moving
+            on = torch.where(tied & ~moving_any, torch.zeros_like(on), on)  # constant: off
+            self.n_relu += (tied & moving_any).reshape(b, -1).sum(1)
         self.on[k] = on
         out = torch.empty_like(x)
         slope = node.negative_slope
+        dout = out[b:].view(self.n_dir, b, *x.shape[1:])
         if slope:
             out[:b] = node.forward(z)
-            torch.where(on, dz, dz * slope, out=out[b:])
+            torch.where(on, dz, dz * slope, out=dout)
         else:
             torch.clamp_min(z, 0, out=out[:b])
-            torch.mul(dz, on, out=out[b:])
+            torch.mul(dz, on, out=dout)
         return out
 
     def maxpool(self, k, node: MaxPool, x):
-        b = x.shape[0] // 2
+        b = self.b
         if self.record:
-            self.gate_inputs[k], self.gate_derivatives[k] = x[:b], x[b:]
-        entries = node.gather(x)  # (2B, n_out, K), padding -inf
-        v, dv = entries[:b], entries[b:]
-        out = x.new_empty((2 * b, *node.out_shape))
+            self.values[k], self.derivatives[k] = x[:b], x[b : 2 * b]
+        entries = node.gather(x)  # ((D+1)B, n_out, K), padding -inf
+        v = entries[:b]
+        dv = entries[b:].view(self.n_dir, b, *entries.shape[1:])
+        out = x.new_empty((x.shape[0], *node.out_shape))
         value = out[:b].view(b, -1, 1)
         torch.amax(v, dim=2, keepdim=True, out=value)
-        tied = _near_max(v, value, self.tol.tie)
-        dv_masked = torch.where(tied, dv, torch.full_like(dv, -torch.inf))
-        dmax = dv_masked.amax(dim=2, keepdim=True)
-        same = tied & _near_max(dv_masked, dmax, self.tol.same_function)
+        tied = self.tol.pool_tied(v, value)
+        same = tied
+        for i in range(self.n_dir):  # keep the entries that rise fastest, direction by direction
+            masked = torch.where(same, dv[i], torch.full_like(dv[i], -torch.inf))
+            same = same & self.tol.same_slope(masked, masked.amax(dim=2, keepdim=True))
         sel = same.to(torch.uint8).argmax(dim=2)  # first True: lowest window position
         self.select[k] = sel
         window = node.window.to(sel.device)
         self.index[k] = window[torch.arange(window.shape[0], device=sel.device), sel]
         self.n_pool += (tied & ~same).reshape(b, -1).sum(1)
-        torch.gather(dv, 2, sel.unsqueeze(2), out=out[b:].view(b, -1, 1))
+        idx = sel.unsqueeze(2).unsqueeze(0).expand(self.n_dir, -1, -1, -1)
+        torch.gather(dv, 3, idx, out=out[b:].view(self.n_dir, b, -1, 1))
         return out

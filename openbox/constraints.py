@@ -14,21 +14,33 @@ Rows whose linear part is identically zero are dropped: they are the same
 function on both sides (e.g. two ReLUs that are both off) or a constant gate
 input, never a facet.
 
+Rows whose linear part comes out *exactly* zero after the push are dropped as well (with
+their offset: a zero row with offset >= 0 says 0 <= d and constrains nothing): they arise
+when two max-pool entries are the same linear function reached by the same arithmetic
+(overlapping pools, adaptive pooling that duplicates entries). A zero row with a negative
+offset would mean the input violates its own configuration: an error, never a skip.
+
 Slack ``d - a . x`` is taken from the forward pass's own gate values (no
 cancellation); tied rows (x on the facet) get slack exactly 0.
+
+This module is the one owner of "a gate row": which rows a configuration has, their
+orientation, their slack, the rows restricted to a line (:func:`rows_along`,
+:func:`step_along`), the full rows (:func:`build_constraints`) and the radii they give
+(:func:`certified_radius_pair`). Region walks use these; none re-derives them.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from math import prod
+from typing import NamedTuple
 
 import numpy as np
 import torch
 from torch import Tensor
 
 from linearize import MaxPool, Program, ReLU
-from openbox.configuration import Configuration
+from openbox.configuration import Configuration, GateValues
 from openbox.linear_maps import FixedForward, gate_support
 from openbox.tolerances import Tolerances
 
@@ -86,16 +98,22 @@ class _GateRows:
         return gather(z, self.unit) - gather(y, self.window_of)
 
 
+def _relu_sign(config: Configuration, k: int, z: Tensor) -> Tensor:
+    """(B, n) +1 where ReLU node k is on, -1 where off: the row of unit i is
+    ``-sign_i a_i . x' <= sign_i c_i`` (on: z >= 0; off: z <= 0), its slack ``sign_i z_i``."""
+    return torch.where(config.on[k].reshape(z.shape), 1.0, -1.0).to(z.dtype)
+
+
 def _plan(
     program: Program,
     config: Configuration,
-    gate_inputs: dict[int, Tensor],
+    gates: GateValues,
     tol: Tolerances,
     support: dict[int, Tensor] | None = None,
 ) -> list[_GateRows]:
     """Row layout, orientation and slack of every gate, for every input of ``config``.
 
-    ``gate_inputs[k]`` is (B, *in_shape). Without ``support`` the layout (row
+    ``gates.values[k]`` is (B, *in_shape). Without ``support`` the layout (row
     counts) is the same for every input: a window contributes one row per valid
     entry except the selected one. With ``support`` (B = 1 only; from
     :func:`gate_support`) rows whose linear part is identically zero are left out.
@@ -105,11 +123,10 @@ def _plan(
     plans, start = [], 0
     for k in program.gates:
         node = program.nodes[k]
-        z = gate_inputs[k].reshape(config.batch_size, -1)
+        z = gates.values[k].reshape(config.batch_size, -1)
         if isinstance(node, ReLU):
-            on = config.on[k].reshape(z.shape)
-            sign = torch.where(on, 1.0, -1.0).to(z.dtype)
-            slack = torch.where(z.abs() <= tol.tie, torch.zeros_like(z), sign * z)
+            sign = _relu_sign(config, k, z)
+            slack = torch.where(tol.relu_tied(z), torch.zeros_like(z), sign * z)
             unit = torch.arange(z.shape[1], device=z.device)
             if support is not None:
                 unit = support[k][0].nonzero().flatten()
@@ -132,8 +149,8 @@ def _plan(
             uniform = sel.shape[0] == 1 and bool((counts == counts[0]).all())
             per_window = int(counts[0]) if uniform and counts.numel() and counts[0] > 0 else None
             zj = z.gather(1, partner)
-            gap = zj - z.gather(1, unit)
-            slack = torch.where(gap <= tol.tie * (1 + zj.abs()), torch.zeros_like(gap), gap)
+            zi = z.gather(1, unit)
+            slack = torch.where(tol.pool_tied(zi, zj), torch.zeros_like(zj), zj - zi)
             plans.append(_GateRows(k, start, start + unit.shape[1], unit, partner, None, slack,
                                    window_of, per_window))
         start = plans[-1].stop
@@ -198,7 +215,7 @@ class Constraints:
 def build_constraints(
     program: Program,
     config: Configuration,
-    gate_inputs: dict[int, Tensor],
+    gates: GateValues,
     tol: Tolerances,
     *,
     chunk: int = 1024,
@@ -208,15 +225,19 @@ def build_constraints(
     Args:
         program: compiled network in the working dtype/device.
         config: configuration of one input.
-        gate_inputs: node -> gate input values at x, (1, *in_shape) each.
+        gates: its gate values, (1, *in_shape) each.
         chunk: basis vectors pushed at once (memory ~ chunk x largest activation).
+
+    Raises:
+        RuntimeError: a row is exactly zero with a negative offset (the input would
+            violate its own configuration), or a row or offset is not finite.
     """
     if config.batch_size != 1:
         raise ValueError(f"build_constraints takes one input, got {config.batch_size}")
     support = gate_support(program, config)
-    plans = _plan(program, config, gate_inputs, tol, support)
+    plans = _plan(program, config, gates, tol, support)
     m = plans[-1].stop if plans else 0
-    n_dropped = sum(_plan_size(program, k) for k in program.gates) - m
+    n_planned = sum(_plan_size(program, k) for k in program.gates)
     n = prod(program.input_shape)
     np_dtype = np.float64 if program.dtype == torch.float64 else np.float32
 
@@ -253,27 +274,64 @@ def build_constraints(
         source["partner"][rows] = -1 if p.partner is None else p.partner[0].cpu().numpy()
         slack[rows] = p.slack[0].cpu().numpy()
 
-    return Constraints(at.numpy().T, d, slack, source, n_dropped)
+    A = at.numpy().T
+    if not (np.isfinite(d).all() and np.isfinite(A).all()):
+        raise RuntimeError("polytope rows are not finite; the network overflows at this input")
+    live = _nonzero_rows(at)
+    if not live.all():
+        _check_zero_rows(d[~live], slack[~live], source[~live])
+        keep = np.flatnonzero(live)
+        A, d, slack, source = A[keep], d[keep], slack[keep], source[keep]
+    return Constraints(A, d, slack, source, n_planned - A.shape[0])
 
 
-def certified_radii(
+def _nonzero_rows(at: Tensor) -> np.ndarray:
+    """(m,) bool: row i of A (column i of ``at``, (n, m)) has a non-zero entry."""
+    return (at != 0).any(dim=0).numpy() if at.shape[0] else np.zeros(at.shape[1], dtype=bool)
+
+
+def _check_zero_rows(d: np.ndarray, slack: np.ndarray, source: np.ndarray) -> None:
+    """Zero rows say ``0 <= d``: fine for d >= 0 (dropped), impossible for d < 0 at an
+    input that has this configuration (its slack would be negative)."""
+    bad = (d < 0) & (slack > 0)
+    if np.any(bad):
+        i = int(np.flatnonzero(bad)[0])
+        raise RuntimeError(
+            f"gate node {source['node'][i]}: a row with zero linear part has offset "
+            f"{d[i]:.3e} < 0 but slack {slack[i]:.3e}; the configuration is inconsistent"
+        )
+
+
+class RadiusPair(NamedTuple):
+    """Certified radii of a batch: ``l2`` and ``linf``, (B,) each (working dtype)."""
+
+    l2: Tensor
+    linf: Tensor
+
+
+def certified_radius_pair(
     program: Program,
     config: Configuration,
-    gate_inputs: dict[int, Tensor],
+    gates: GateValues,
     tol: Tolerances,
     *,
     chunk: int = 1024,
-) -> tuple[Tensor, Tensor]:
+) -> RadiusPair:
     """Largest L2 and L-inf balls around each input inside its polytope, without A.
 
     For one input at a time, pushes the identity basis (``chunk`` vectors at once)
     and accumulates each row's ||a||_2^2 and ||a||_1; the radius is
     ``min_i slack_i / ||a_i||_*`` (dual norm: L2 for the L2 ball, L1 for the L-inf
-    ball) over rows whose linear part is not identically zero. Memory ~ chunk x
+    ball) over rows whose linear part is not zero (a zero row is the same linear function
+    on both sides: no facet, as in :func:`build_constraints`). Memory ~ chunk x
     largest activation; A is never stored.
 
     Returns:
-        (radius_l2, radius_linf): (B,) each, 0 where the input lies on a facet.
+        (l2, linf): (B,) each, 0 where the input lies on a facet, inf where no row
+        constrains the input.
+
+    Raises:
+        RuntimeError: a NaN or a negative slack in the computation (never skipped).
     """
     n = prod(program.input_shape)
     r2 = torch.full((config.batch_size,), float("inf"), dtype=program.dtype)
@@ -283,10 +341,7 @@ def certified_radii(
             r2[i] = rinf[i] = 0.0
             continue
         one = config[i]
-        plans = _plan(
-            program, one, {k: v[i : i + 1] for k, v in gate_inputs.items()}, tol,
-            gate_support(program, one),
-        )
+        plans = _plan(program, one, gates[i], tol, gate_support(program, one))
         sq = {p.k: torch.zeros_like(p.slack[0]) for p in plans}
         l1 = {p.k: torch.zeros_like(p.slack[0]) for p in plans}
 
@@ -299,9 +354,70 @@ def certified_radii(
         for c0 in range(0, n, chunk):
             _push(program, linear, plans, _basis(program, c0, min(n, c0 + chunk), 1), accumulate)
         for p in plans:
-            if p.stop == p.start:
+            slack = p.slack[0]
+            live = l1[p.k] > 0
+            if bool((slack[live] < 0).any()) or bool(slack.isnan().any()):
+                raise RuntimeError(
+                    f"gate node {p.k}: negative or NaN slack in a radius computation "
+                    f"(input {i}); the configuration is inconsistent"
+                )
+            if not bool(live.any()):
                 continue
-            slack = p.slack[0].clamp_min(0)
-            r2[i] = min(r2[i], (slack / sq[p.k].sqrt()).min().item())
-            rinf[i] = min(rinf[i], (slack / l1[p.k]).min().item())
-    return r2, rinf
+            a2 = slack[live] / sq[p.k][live].sqrt()
+            a1 = slack[live] / l1[p.k][live]
+            if bool(a2.isnan().any() or a1.isnan().any()):
+                raise RuntimeError(f"gate node {p.k}: NaN in a radius computation (input {i})")
+            r2[i] = torch.minimum(r2[i], a2.min())
+            rinf[i] = torch.minimum(rinf[i], a1.min())
+    return RadiusPair(r2, rinf)
+
+
+def rows_along(
+    program: Program, config: Configuration, gates: GateValues, tol: Tolerances
+) -> list[tuple[int, Tensor, Tensor]]:
+    """Every gate row of each input's region restricted to the line ``x + t u``.
+
+    ``u`` is the direction ``gates`` was computed along (the pass's tie-break direction),
+    so inside the region each row's slack is affine in t: ``slack + t * rate``. Rows are
+    oriented as in :func:`build_constraints` (slack >= 0 inside), all rows of the layout
+    (zero rows included: their rate is 0).
+
+    A tied row (slack 0) whose two sides the configuration pass found equal along u (a
+    constant ReLU input, or max-pool entries with the same derivative, to the
+    ``same_function`` tolerance) stays tied along the whole line: its rate is set to
+    exactly 0, so rounding in the derivatives cannot make it look like it falls.
+
+    Returns:
+        [(gate node k, slack (B, m_k), rate (B, m_k))] in gate order.
+    """
+    out = []
+    for p in _plan(program, config, gates, tol):
+        dz = gates.derivatives[p.k].reshape(config.batch_size, -1)
+        if p.sign is not None:
+            rate = p.sign * dz
+            flat = ~tol.relu_moving(dz)
+        else:
+            dj, di = dz.gather(1, p.partner), dz.gather(1, p.unit)
+            rate = dj - di
+            flat = tol.same_slope(di, dj) & tol.same_slope(dj, di)
+        rate = torch.where((p.slack == 0) & flat, torch.zeros_like(rate), rate)
+        out.append((p.k, p.slack, rate))
+    return out
+
+
+def step_along(
+    program: Program, config: Configuration, gates: GateValues, tol: Tolerances
+) -> Tensor:
+    """(B,) float64: the largest dt >= 0 with every row of each input's region still
+    satisfied at ``x + dt u`` (``inf`` if no row falls). Only rows with ``rate < 0``
+    can run out; the tie-break along u gives tied rows ``rate >= 0``."""
+    best = torch.full((config.batch_size,), float("inf"), dtype=torch.float64)
+    for k, slack, rate in rows_along(program, config, gates, tol):
+        falling = rate < 0
+        if not bool(falling.any()):
+            continue
+        t = torch.where(falling, slack.clamp_min(0) / torch.where(falling, -rate, 1), torch.inf)
+        if bool(t.isnan().any()):
+            raise RuntimeError(f"NaN in the step along a line (gate node {k})")
+        best = torch.minimum(best, t.amin(dim=1).double().cpu())
+    return best

@@ -19,16 +19,20 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
+from tqdm.auto import tqdm
 
 import linearize
 from openbox import tolerances
 from openbox.configuration import (
     Configuration,
-    ConfigurationPass,
+    PassResult,
     RegionKey,
+    batch_index,
+    configure,
+    key_context,
     tie_break_direction,
 )
-from openbox.constraints import build_constraints, certified_radii
+from openbox.constraints import RadiusPair, build_constraints, certified_radius_pair
 from openbox.geometry import Polytope
 from openbox.linear_maps import compose_backward
 
@@ -63,11 +67,11 @@ class Explanation:
         return self.weight.shape[0]
 
     def __getitem__(self, index) -> Explanation:
-        """The explanations of a sub-batch: ``e[i]`` (kept as a batch of one), ``e[i:j]``."""
-        if isinstance(index, int):
-            index = slice(index, index + 1 if index != -1 else None)
+        """The explanations of a sub-batch: ``e[i]`` (kept as a batch of one; IndexError
+        when out of range), ``e[i:j]``, ``e[[i, k]]``, ``e[mask]`` with a (B,) bool mask."""
+        index = batch_index(index, len(self))
         keys = self.region_key[index] if isinstance(index, slice) else tuple(
-            self.region_key[i] for i in torch.as_tensor(index).reshape(-1).tolist()
+            self.region_key[i] for i in index.tolist()
         )
         return Explanation(
             self.inputs[index], self.weight[index], self.bias[index], self.logits[index],
@@ -139,12 +143,16 @@ class OpenBox:
 
     Args:
         model: the trained network (any module :func:`linearize.compile` accepts).
-            It is never modified; a private copy serves as the reference in verify().
+            It is never modified. A private copy, taken *here*, serves as the reference
+            in :meth:`verify`: editing the model afterwards changes neither the program
+            nor the reference (build a new OpenBox for the edited model).
         input_shape: per-example input shape, e.g. (1, 28, 28).
         dtype: working dtype, torch.float64 (exact to ~1e-10) or torch.float32.
         device: where the computation runs (default: CPU). Inputs must be on it.
-        domain: optional input-domain box ``(lo, hi)`` (e.g. ``(0.0, 1.0)`` for pixels),
-            attached to polytopes *apart from* the network's own constraints.
+        domain: optional input-domain box ``(lo, hi)`` (e.g. ``(0.0, 1.0)`` for pixels):
+            inputs outside it are rejected with ValueError by explain / polytope / verify /
+            certified_radius, and it is attached to polytopes *apart from* the network's own
+            constraints. None (the default) declares no domain.
         direction: tie-break direction u (*input_shape); default
             :func:`~openbox.configuration.tie_break_direction`.
         batch_size: inputs per internal batch (memory ~ batch_size x C x largest
@@ -187,12 +195,13 @@ class OpenBox:
                     f"direction must be a finite non-zero tensor of shape {self.input_shape}"
                 )
         self.direction = direction
-        self.domain = domain
+        self.domain = _domain(domain)
         if batch_size < 1 or chunk < 1:
             raise ValueError("batch_size and chunk must be positive")
         self.batch_size = batch_size
         self.chunk = chunk
-        self._reference: nn.Module | None = None
+        self.key_context = key_context(self.program, dtype, direction)
+        self._reference = copy.deepcopy(model).to(dtype=dtype, device=self.device).eval()
 
     def __repr__(self) -> str:
         return (
@@ -202,70 +211,112 @@ class OpenBox:
 
     # -- input checks --------------------------------------------------------------------
 
-    def _check(self, x: Tensor, name: str = "x") -> Tensor:
+    def check_input(self, x: Tensor, name: str = "x") -> Tensor:
+        """Validate a batch x (B, *input_shape) and return it in the working dtype.
+
+        A floating tensor of another dtype is converted (float32 -> float64 is exact; the
+        other way rounds, and the explanation is then that of the rounded input). Raises
+        ValueError, naming the argument ``name``, for: not a tensor, a non-floating dtype,
+        a wrong shape, an empty batch, another device, NaN / Inf, or values outside the
+        declared domain.
+        """
         shape = f"(B, {', '.join(map(str, self.input_shape))})"
         if not isinstance(x, Tensor):
             raise ValueError(f"{name} must be a torch.Tensor of shape {shape}, got {type(x)}")
         if x.dim() != len(self.input_shape) + 1 or tuple(x.shape[1:]) != self.input_shape:
             raise ValueError(f"{name} must have shape {shape}, got {tuple(x.shape)}")
-        if x.dtype != self.dtype:
+        if x.shape[0] == 0:
+            raise ValueError(f"{name} is an empty batch (shape {tuple(x.shape)}); pass B >= 1")
+        if not x.dtype.is_floating_point:
             raise ValueError(
-                f"{name} must have dtype {self.dtype} (this OpenBox's working dtype), got "
-                f"{x.dtype}; convert with x.to({self.dtype})"
+                f"{name} must be a floating tensor (it is converted to {self.dtype}), got "
+                f"{x.dtype}; scale integer images to floats first, e.g. x / 255"
             )
         if x.device != self.device and not (
             x.device.type == self.device.type and self.device.index is None
         ):
             raise ValueError(f"{name} must be on device {self.device}, got {x.device}")
+        x = x.detach().to(self.dtype)
         if not bool(torch.isfinite(x).all()):
             bad = (~torch.isfinite(x)).reshape(x.shape[0], -1).any(1).nonzero().flatten()
             raise ValueError(f"{name} contains NaN or Inf (inputs {bad.tolist()[:10]})")
+        if self.domain is not None:
+            lo, hi = (b.to(x.device) for b in self._domain_tensors())
+            out = ((x < lo) | (x > hi)).reshape(x.shape[0], -1).any(1)
+            if bool(out.any()):
+                bad = out.nonzero().flatten().tolist()
+                raise ValueError(
+                    f"{name} lies outside the declared domain [{_fmt_bound(self.domain[0])}, "
+                    f"{_fmt_bound(self.domain[1])}] (inputs {bad[:10]}; min {float(x.min()):g},"
+                    f" max {float(x.max()):g}); rescale the input, or build the OpenBox with "
+                    "domain=None to declare no domain"
+                )
         return x
 
-    def _check_one(self, x1: Tensor) -> Tensor:
-        if isinstance(x1, Tensor) and tuple(x1.shape) == self.input_shape:
-            x1 = x1.unsqueeze(0)
-        elif isinstance(x1, Tensor) and tuple(x1.shape) != (1, *self.input_shape):
+    def check_point(self, x: Tensor, name: str = "x") -> Tensor:
+        """Validate one input, (*input_shape) or (1, *input_shape); return it as
+        (1, *input_shape) in the working dtype (see :meth:`check_input`)."""
+        if isinstance(x, Tensor) and tuple(x.shape) == self.input_shape:
+            x = x.unsqueeze(0)
+        elif isinstance(x, Tensor) and tuple(x.shape) != (1, *self.input_shape):
             raise ValueError(
-                f"x1 must have shape {self.input_shape} (one input), got {tuple(x1.shape)}"
+                f"{name} must have shape {self.input_shape} (one input), got {tuple(x.shape)}"
             )
-        return self._check(x1, "x1")
+        return self.check_input(x, name)
+
+    def _domain_tensors(self) -> tuple[Tensor, Tensor]:
+        lo, hi = self.domain
+        return tuple(
+            torch.as_tensor(b, dtype=self.dtype).reshape(self.input_shape)
+            if torch.as_tensor(b).numel() > 1 else torch.as_tensor(b, dtype=self.dtype)
+            for b in (lo, hi)
+        )
 
     def _chunks(self, x: Tensor, size: int | None = None) -> Iterator[Tensor]:
         size = size or self.batch_size
         for i in range(0, x.shape[0], size):
             yield x[i : i + size]
 
+    def _progress(self, x: Tensor, progress: bool | None, desc: str, size: int | None = None):
+        """The chunks of x, with a tqdm bar on stderr when ``progress`` (None: only for
+        batches of more than 4 chunks)."""
+        size = size or self.batch_size
+        n = -(-x.shape[0] // size)
+        show = n > 4 if progress is None else progress
+        return tqdm(self._chunks(x, size), total=n, desc=desc, unit="batch", disable=not show,
+                    leave=False)
+
     # -- configurations and LLCs ---------------------------------------------------------
 
-    def _configure(
-        self, x: Tensor, record: bool = False
-    ) -> tuple[Tensor, Configuration, dict[int, Tensor]]:
-        """One batch (no chunking): logits (B, C), configuration, gate inputs if recorded."""
-        cp = ConfigurationPass(self.program, self.tol, record_gate_inputs=record)
-        with torch.no_grad():
-            logits, config = cp.configure(x, self.direction)
-        return logits, config, cp.gate_inputs
+    def configure(self, x: Tensor, *, record: bool = False) -> PassResult:
+        """One batch x (B, *input_shape), already checked, no chunking: logits (B, C), the
+        configuration and, with ``record``, the gate values (:class:`PassResult`)."""
+        return configure(self.program, x, self.direction, self.tol, record=record,
+                         context=self.key_context)
 
     def configuration(self, x: Tensor) -> Configuration:
         """Gate states of x (B, *input_shape), with the documented tie-break."""
-        self._check(x)
-        return Configuration.concat([self._configure(c)[1] for c in self._chunks(x)])
+        x = self.check_input(x)
+        return Configuration.concat([self.configure(c).configuration for c in self._chunks(x)])
 
     def region_key(self, x: Tensor) -> tuple[RegionKey, ...]:
         """Canonical region keys of x (B, *input_shape), without computing LLCs."""
         return self.configuration(x).region_keys()
 
-    def explain(self, x: Tensor) -> Explanation:
-        """Local linear classifiers of x (B, *input_shape); see :class:`Explanation`."""
-        self._check(x)
+    def explain(self, x: Tensor, *, progress: bool | None = None) -> Explanation:
+        """Local linear classifiers of x (B, *input_shape); see :class:`Explanation`.
+
+        x is converted to the working dtype (:meth:`check_input`). ``progress`` shows a bar
+        on stderr (default: for more than 4 internal batches).
+        """
+        x = self.check_input(x)
         weights, biases, logits, configs = [], [], [], []
         eye = torch.eye(self.num_classes, dtype=self.dtype, device=self.device)
         # the backward pass runs on a few hundred rows at a time: CPU convolutions slow
         # down 2-3x per row on batches whose activations overflow the cache
         step = max(1, BACKWARD_ROWS // self.num_classes)
-        for xc in self._chunks(x):
-            lg, config, _ = self._configure(xc)
+        for xc in self._progress(x, progress, "explain"):
+            lg, config, _ = self.configure(xc)
             for i in range(0, xc.shape[0], step):
                 sub = config[i : i + step]
                 with torch.no_grad():
@@ -282,20 +333,20 @@ class OpenBox:
 
     # -- polytopes -----------------------------------------------------------------------
 
-    def polytope(self, x1: Tensor) -> Polytope:
-        """The region of x1 (*input_shape) as ``{x : A x.flatten() <= d}``.
+    def polytope(self, x: Tensor) -> Polytope:
+        """The region of x (*input_shape) as ``{x' : A x'.flatten() <= d}``.
 
         One row per gate input (ReLU sign, max-pool selection); rows that are
         identically zero are dropped. The domain box, if any, is kept apart.
         """
-        x1 = self._check_one(x1)
-        _, config, gate_inputs = self._configure(x1, record=True)
+        x = self.check_point(x)
+        _, config, gates = self.configure(x, record=True)
         with torch.no_grad():
-            cons = build_constraints(self.program, config, gate_inputs, self.tol, chunk=self.chunk)
+            cons = build_constraints(self.program, config, gates, self.tol, chunk=self.chunk)
         return Polytope(
             cons.A,
             cons.d,
-            x1.reshape(-1).cpu().double().numpy(),
+            x.reshape(-1).cpu().double().numpy(),
             slack=cons.slack,
             domain=self.domain,
             tol=self.tol,
@@ -303,7 +354,8 @@ class OpenBox:
             n_dropped=cons.n_dropped,
         )
 
-    def certified_radius(self, x: Tensor, norm: float = 2) -> Tensor:
+    def certified_radius(self, x: Tensor, norm: float = 2, *,
+                         progress: bool | None = None) -> Tensor:
         """(B,) radius of the largest ``norm``-ball around each input inside its region.
 
         ``norm`` is 2 or ``float('inf')``. 0 for an input on a facet (``n_tight > 0``).
@@ -311,50 +363,48 @@ class OpenBox:
         """
         if norm not in (2, float("inf")):
             raise ValueError(f"norm must be 2 or float('inf'), got {norm!r}")
-        r2, rinf = self.certified_radii(x)
-        return r2 if norm == 2 else rinf
+        both = self.radius_pair(x, progress=progress)
+        return both.l2 if norm == 2 else both.linf
 
-    def certified_radii(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """(L2 radius (B,), L-inf radius (B,)) of x (B, *input_shape), from one basis push
-        per input (none for inputs on a facet, whose radii are 0)."""
-        self._check(x)
+    def radius_pair(self, x: Tensor, *, progress: bool | None = None) -> RadiusPair:
+        """Both certified radii of x (B, *input_shape): ``.l2`` and ``.linf``, (B,) each,
+        from one basis push per input (none for inputs on a facet, whose radii are 0)."""
+        x = self.check_input(x)
         r2, rinf = [], []
-        for xc in self._chunks(x):
-            _, config, gate_inputs = self._configure(xc, record=True)
+        for xc in self._progress(x, progress, "certified radius"):
+            _, config, gates = self.configure(xc, record=True)
             with torch.no_grad():
-                a, b = certified_radii(
-                    self.program, config, gate_inputs, self.tol, chunk=self.chunk
-                )
+                a, b = certified_radius_pair(self.program, config, gates, self.tol,
+                                             chunk=self.chunk)
             r2.append(a)
             rinf.append(b)
-        return torch.cat(r2), torch.cat(rinf)
+        return RadiusPair(torch.cat(r2), torch.cat(rinf))
 
     # -- verification --------------------------------------------------------------------
 
     @property
     def reference(self) -> nn.Module:
-        """A private copy of the model in the working dtype/device (the user's is untouched)."""
-        if self._reference is None:
-            self._reference = copy.deepcopy(self.model).to(dtype=self.dtype, device=self.device)
+        """The private copy of the model taken at construction, in the working dtype and
+        device, in eval mode (the user's model is untouched)."""
         return self._reference
 
-    def verify(self, x: Tensor) -> VerificationReport:
-        """Check ``W_x x + b_x`` and the compiled program against the model's own forward.
+    def verify(self, x: Tensor, *, progress: bool | None = None) -> VerificationReport:
+        """Check ``W_x x + b_x`` and the compiled program against the model's own forward
+        (the copy taken at construction).
 
         Both must match ``model(x)`` elementwise to ``atol + rtol * |model(x)|`` (the
-        working dtype's tolerance, DESIGN.md).
+        working dtype's tolerance, DESIGN.md). x is converted as in :meth:`check_input`.
         """
-        self._check(x)
-        e = self.explain(x)
+        x = self.check_input(x)
+        e = self.explain(x, progress=progress)
         with torch.no_grad():
             want = torch.cat([self.reference(c) for c in self._chunks(x)])
             prog = torch.cat([self.program(c) for c in self._chunks(x)])
         llc = e.predict(x)
         rtol, atol = self.tol.verify_rtol, self.tol.verify_atol
-        bound = atol + rtol * want.abs()
         llc_err = (llc - want).abs()
         prog_err = (prog - want).abs()
-        passed = ((llc_err <= bound) & (prog_err <= bound)).all(dim=1)
+        passed = (self.tol.matches(llc, want) & self.tol.matches(prog, want)).all(dim=1)
         return VerificationReport(
             max_abs_error=float(torch.maximum(llc_err.max(), prog_err.max())),
             logits=want,
@@ -366,3 +416,20 @@ class OpenBox:
             dtype=self.dtype,
             n_tight=e.n_tight,
         )
+
+
+def _domain(domain):
+    """Validate a domain ``(lo, hi)`` (scalars or arrays; None for no domain)."""
+    if domain is None:
+        return None
+    if not isinstance(domain, (tuple, list)) or len(domain) != 2:
+        raise ValueError(f"domain must be None or a pair (lo, hi), got {domain!r}")
+    lo, hi = (torch.as_tensor(b, dtype=torch.float64) for b in domain)
+    if bool(torch.isnan(lo).any() or torch.isnan(hi).any()) or bool((lo > hi).any()):
+        raise ValueError(f"domain must be a pair (lo, hi) with lo <= hi, got {domain!r}")
+    return tuple(domain)
+
+
+def _fmt_bound(b) -> str:
+    t = torch.as_tensor(b)
+    return f"{float(t):g}" if t.numel() == 1 else f"array of {t.numel()}"

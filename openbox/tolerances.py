@@ -45,6 +45,38 @@ class Tolerances:
     feasibility: float
     lp: float
 
+    # -- the comparison rules, next to the values they use --------------------------------
+    # Each works on torch tensors and numpy arrays alike (``abs`` of either).
+
+    def matches(self, y, m):
+        """Elementwise: output y matches the model's m, ``|y - m| <= verify_atol +
+        verify_rtol |m|``."""
+        return abs(y - m) <= self.verify_atol + self.verify_rtol * abs(m)
+
+    def relu_tied(self, z):
+        """Elementwise: a ReLU input z is at its kink, ``|z| <= tie``."""
+        return abs(z) <= self.tie
+
+    def relu_moving(self, dz):
+        """Elementwise: a tied ReLU input with directional derivative dz is not constant
+        (a facet, not a constant 0), ``|dz| > same_function``."""
+        return abs(dz) > self.same_function
+
+    def pool_tied(self, a, amax):
+        """Elementwise: max-pool entry a ties the window maximum amax,
+        ``amax - a <= tie (1 + |amax|)`` (-inf entries never do)."""
+        return (amax - a) <= self.tie * (1 + abs(amax))
+
+    def same_slope(self, da, damax):
+        """Elementwise: a tied entry's derivative da equals the largest tied derivative
+        damax, ``damax - da <= same_function (1 + |damax|)``: the same linear function."""
+        return (damax - da) <= self.same_function * (1 + abs(damax))
+
+    def slack_threshold(self, d, l1, x_inf: float):
+        """Per row of ``a.x <= d``: the slack below which x counts as on the row,
+        ``feasibility (1 + |d| + ||a||_1 ||x||_inf)``."""
+        return self.feasibility * (1.0 + abs(d) + l1 * x_inf)
+
 
 FLOAT64 = Tolerances(
     verify_rtol=PROGRAM_TOLERANCE[torch.float64][0],

@@ -212,7 +212,7 @@ def test_chebyshev_flat_inside_the_domain(method):
     assert r_domain == pytest.approx(0.0, abs=1e-8)
     poly = Polytope(A, d, x, domain=(0.0, 1.0), tol=TOL)
     assert poly.radius(2) == 0.0 and list(poly.tight_rows()) == [0, 1]
-    assert poly.inscribed_radius > 0.1  # the region's own ball, without the domain
+    assert poly.inscribed_radius() > 0.1  # the region's own ball, without the domain
     assert poly.chebyshev_center(method=method)[1] == pytest.approx(0.0, abs=1e-8)
 
 
@@ -380,10 +380,10 @@ def test_polytope_tight_point_radius_zero_inscribed_positive():
     assert poly.radius(2) == 0.0 and poly.radius(float("inf")) == 0.0
     assert list(poly.tight_rows()) == [2]
     assert list(poly.tight_facets()) == [2]
-    assert poly.inscribed_radius == pytest.approx(0.5, abs=1e-9)
+    assert poly.inscribed_radius() == pytest.approx(0.5, abs=1e-9)
     center, r = poly.chebyshev_center()
     np.testing.assert_allclose(center, [0.5, 0.5], atol=1e-7)
-    assert r == poly.inscribed_radius
+    assert r == poly.inscribed_radius()
 
 
 def test_polytope_domain_kept_apart():
@@ -403,9 +403,9 @@ def test_polytope_domain_kept_apart():
     assert not np.all(poly.domain_A @ outside_box <= poly.domain_d)
     assert poly.domain_A.shape == (2 * n, n)
     # The region's own inscribed ball ignores the domain; inside the domain it is 0.5.
-    assert poly.inscribed_radius == pytest.approx(10.0, abs=1e-7)
+    assert poly.inscribed_radius() == pytest.approx(10.0, abs=1e-7)
     assert poly.chebyshev_center()[1] == pytest.approx(0.5, abs=1e-8)
-    assert poly.chebyshev_center(include_domain=False)[1] == poly.inscribed_radius
+    assert poly.chebyshev_center(include_domain=False)[1] == poly.inscribed_radius()
     assert "domain [0, 1]^4" in repr(poly)
 
 
@@ -475,7 +475,7 @@ def test_polytope_float32_and_torch_inputs():
     assert p32.A.dtype == np.float32
     p64 = Polytope(A, d, x0, tol=TOL)
     assert p32.radius(2) == pytest.approx(p64.radius(2), rel=1e-5)
-    assert p32.inscribed_radius == pytest.approx(p64.inscribed_radius, rel=1e-4)
+    assert p32.inscribed_radius() == pytest.approx(p64.inscribed_radius(), rel=1e-4)
     pt = Polytope(torch.from_numpy(A), torch.from_numpy(d), torch.from_numpy(x0), tol=TOL)
     assert pt.radius(2) == p64.radius(2)
     assert pt.contains(torch.from_numpy(x0))

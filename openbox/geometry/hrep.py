@@ -113,7 +113,7 @@ def _dual_norm_name(norm) -> str:
 
 def _thresholds(d: np.ndarray, l1: np.ndarray, x_inf: float, tol: Tolerances) -> np.ndarray:
     """Per-row slack threshold ``tol.feasibility * (1 + |d_i| + ||a_i||_1 ||x||_inf)``."""
-    return tol.feasibility * (1.0 + np.abs(d) + l1 * x_inf)
+    return tol.slack_threshold(d, l1, x_inf)
 
 
 def _check_inside(slack, thr, zero, what: str = "point") -> None:

@@ -152,7 +152,7 @@ def compute_irredundant(
     l1n = R.norms["l1"][live] / R.l2[live]
 
     def thr_fn(pos, x_inf):
-        return tol.feasibility * (1.0 + np.abs(dn[pos]) + l1n[pos] * x_inf)
+        return tol.slack_threshold(dn[pos], l1n[pos], x_inf)
 
     if box is not None:
         lo, hi = box

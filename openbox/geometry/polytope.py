@@ -215,7 +215,7 @@ class Polytope:
             lo, hi = self._domain
             with np.errstate(invalid="ignore"):
                 for bound, out in ((hi, x - hi), (lo, lo - x)):
-                    thr = tol.feasibility * (1.0 + np.abs(bound) + x_inf)
+                    thr = tol.slack_threshold(bound, 1.0, x_inf)
                     if np.any(np.isfinite(bound) & (out > thr)):
                         return False
         return True
@@ -245,10 +245,9 @@ class Polytope:
         center, r = self._cache[key]
         return center.copy(), r
 
-    @property
-    def inscribed_radius(self) -> float:
-        """The region's own inscribed-ball radius: the largest L2 ball inside the network's
-        polytope P, *without* the domain box (``chebyshev_center(include_domain=False)``'s
+    def inscribed_radius(self, *, method: str = "auto") -> float:
+        """The region's own inscribed-ball radius, an LP (seconds to a minute on a CNN
+        region, hence a method): the largest L2 ball inside the network's polytope P, *without* the domain box (``chebyshev_center(include_domain=False)``'s
         radius; ``inf`` for an unbounded region that holds every ball). Positive for a
         full-dimensional region even when :meth:`radius` is an honest 0 because the point
         is on a facet.
@@ -258,7 +257,7 @@ class Polytope:
         ``0 . x <= 0`` (an exact LP-duality certificate), so no ball fits there and that
         radius is 0 for every such image. Use ``chebyshev_center(include_domain=True)`` for it.
         """
-        return self.chebyshev_center(include_domain=False)[1]
+        return self.chebyshev_center(include_domain=False, method=method)[1]
 
     def tight_rows(self, tol: Tolerances | None = None) -> np.ndarray:
         """(k,) int64 indices of the nonzero rows whose slack at :attr:`point` is within the

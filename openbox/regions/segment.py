@@ -11,9 +11,10 @@ from typing import NamedTuple
 
 import torch
 from torch import Tensor
+from tqdm.auto import tqdm
 
-from linearize import ReLU
-from openbox.configuration import ConfigurationPass, RegionKey
+from openbox.configuration import RegionKey, configure
+from openbox.constraints import step_along
 
 
 class Piece(NamedTuple):
@@ -32,75 +33,65 @@ class Piece(NamedTuple):
     prediction: int
 
 
-def _step(gate_nodes, cp: ConfigurationPass, config) -> float:
-    """Largest dt with every gate constraint still satisfied along the direction.
-
-    Each constraint's slack is affine in t inside the region: s + dt * ds. Only
-    constraints with ds < 0 can run out; the tie-break along the direction makes
-    tied constraints have ds >= 0.
-    """
-    best = float("inf")
-    for k, node in gate_nodes:
-        z = cp.gate_inputs[k].reshape(-1)
-        dz = cp.gate_derivatives[k].reshape(-1)
-        if isinstance(node, ReLU):
-            sign = torch.where(config.on[k].reshape(-1), 1.0, -1.0).to(z.dtype)
-            slack, rate = sign * z, sign * dz
-        else:
-            window = node.window.to(z.device)
-            j = config.index[k][0]  # (n_out,)
-            valid = window >= 0
-            idx = window.clamp_min(0)
-            slack = (z[j][:, None] - z[idx])[valid]
-            rate = (dz[j][:, None] - dz[idx])[valid]
-        falling = rate < 0
-        if bool(falling.any()):
-            best = min(best, float((slack[falling].clamp_min(0) / -rate[falling]).min()))
-    return best
-
-
-def segment(ob, x0: Tensor, x1: Tensor, *, max_pieces: int = 100_000) -> list[Piece]:
+def segment(
+    ob, x0: Tensor, x1: Tensor, *, max_pieces: int = 100_000, progress: bool | None = None
+) -> list[Piece]:
     """The exact linear pieces of the network along the segment from x0 to x1.
 
-    At each point the configuration is taken with the segment's own direction as
-    the tie-break (:mod:`openbox.configuration`), i.e. the region the line enters;
+    At each point the configuration is taken with a lexicographic tie-break
+    (:func:`openbox.configuration.configure`): first the segment's own direction, then the
+    OpenBox's direction u for ties that persist along the line (two max-pool entries over
+    a background both images share), i.e. the full-dimensional region the line enters;
     the next breakpoint is where the first gate constraint of that region reaches
-    zero. Consecutive pieces with equal keys are merged.
+    zero (:func:`openbox.constraints.step_along`). Consecutive pieces with equal keys are
+    merged.
 
     Args:
         ob: an :class:`~openbox.OpenBox`.
-        x0, x1: (*input_shape) endpoints, in the OpenBox's dtype and device.
+        x0, x1: (*input_shape) endpoints (converted to the OpenBox's dtype; inside its
+            domain, if one is declared, so the whole segment is).
         max_pieces: stop with RuntimeError beyond this many pieces.
+        progress: a tqdm bar over t on stderr (default on; the walk of two test images
+            of a CNN crosses thousands of regions).
 
     Returns:
         Ordered pieces covering [0, 1]: ``pieces[0].t_start == 0``,
         ``pieces[i].t_end == pieces[i + 1].t_start``, ``pieces[-1].t_end == 1``.
+        A piece's key is the configuration of the region the piece's interior lies in
+        (as ``ob.explain(x).region_key`` for x inside the piece and off every facet).
     """
-    x0 = ob._check_one(x0)
-    x1 = ob._check_one(x1)
+    x0 = ob.check_point(x0, "x0 (the segment's start)")
+    x1 = ob.check_point(x1, "x1 (the segment's end)")
     direction = (x1 - x0)[0]
     if not bool(direction.abs().sum() > 0):
         raise ValueError("x0 and x1 are the same point; a segment needs two distinct ends")
-    gate_nodes = [(k, ob.program.nodes[k]) for k in ob.program.gates]
+
+    directions = torch.stack([direction, ob.direction])
     pieces: list[Piece] = []
     t = 0.0
-    while t < 1.0:
-        x = x0 + t * (x1 - x0)
-        cp = ConfigurationPass(ob.program, ob.tol, record_gate_inputs=True)
-        with torch.no_grad():
-            _, config = cp.configure(x, direction)
-        key = config.region_keys()[0]
-        t_next = min(1.0, t + _step(gate_nodes, cp, config))
-        if t_next <= t:  # rounding left us just short of the facet: nudge past it
-            t_next = min(1.0, t + max(abs(t), 1.0) * torch.finfo(x.dtype).eps * 16)
-        with torch.no_grad():
-            mid = ob.program(x0 + 0.5 * (t + t_next) * (x1 - x0))
-        pred = int(mid.argmax(dim=1)[0])
-        if pieces and pieces[-1].region_key == key:
-            pieces[-1] = pieces[-1]._replace(t_end=t_next)
-        else:
-            pieces.append(Piece(t, t_next, key, pred))
-        if len(pieces) > max_pieces:
-            raise RuntimeError(f"segment has more than {max_pieces} pieces; raise max_pieces")
-        t = t_next
+    bar = tqdm(total=1.0, desc="segment", unit="t", leave=False,
+               disable=not (True if progress is None else progress),
+               bar_format="{l_bar}{bar}| t={n:.4f} [{elapsed}, {postfix}]")
+    with bar:
+        while t < 1.0:
+            x = x0 + t * (x1 - x0)
+            _, config, gates = configure(ob.program, x, directions, ob.tol, record=True,
+                                         context=ob.key_context)
+            key = config.region_keys()[0]
+            dt = float(step_along(ob.program, config, gates, ob.tol)[0])
+            t_next = min(1.0, t + dt)
+            if t_next <= t:  # rounding left us just short of the facet: nudge past it
+                t_next = min(1.0, t + max(abs(t), 1.0) * torch.finfo(x.dtype).eps * 16)
+            with torch.no_grad():
+                mid = ob.program(x0 + 0.5 * (t + t_next) * (x1 - x0))
+            pred = int(mid.argmax(dim=1)[0])
+            if pieces and pieces[-1].region_key == key:
+                pieces[-1] = pieces[-1]._replace(t_end=t_next)
+            else:
+                pieces.append(Piece(t, t_next, key, pred))
+            if len(pieces) > max_pieces:
+                raise RuntimeError(f"segment has more than {max_pieces} pieces; raise max_pieces")
+            bar.update(t_next - t)
+            bar.set_postfix_str(f"{len(pieces)} pieces", refresh=False)
+            t = t_next
     return pieces
