@@ -323,7 +323,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
     if args.inscribed:
         step("inscribed")
         started = time.perf_counter()
-        inscribed = {"value": _finite(poly.inscribed_radius),
+        inscribed = {"value": _finite(poly.inscribed_radius()),
                      "note": f"Chebyshev-ball LP over {poly.n_constraints:,} constraints, "
                              f"{time.perf_counter() - started:.1f} s"}
         bar.update()
@@ -439,7 +439,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         x = ds.images[i : i + 1].double()
         e = ob.explain(x)
         report = ob.verify(x)
-        r2, rinf = (float(r[0]) for r in ob.certified_radii(x))
+        r2, rinf = (float(r[0]) for r in ob.radius_pair(x))
         f = decision_features(e, 0)
         feats.append(f)
         all_ok &= report.ok
