@@ -13,6 +13,7 @@ from linearize.compiler import compile  # noqa: A004
 from linearize.errors import (
     CompileError,
     LintError,
+    NonFiniteParameterError,
     Offender,
     TrainingModeError,
     UnsupportedLayerError,
@@ -44,6 +45,7 @@ __all__ = [
     "GATE_KINDS", "NODE_KINDS", "OPERATOR_FAMILIES",
     "AdaptiveAvgPool", "Add", "Affine", "AvgPool", "ChannelScale", "CompileError", "Conv",
     "Dense", "Evaluator", "Interpreter", "LinearOperator", "LintError", "MaxPool", "Node",
+    "NonFiniteParameterError",
     "Offender", "Program", "ReLU", "Reshape", "TrainingModeError", "UnsupportedLayerError",
     "compile", "passes",
 ]

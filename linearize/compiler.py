@@ -24,8 +24,15 @@ from torch.fx.passes.shape_prop import ShapeProp, TensorMetadata
 
 import linearize.ops  # noqa: F401  (registers the lowerings)
 from linearize import passes
-from linearize.errors import CompileError, Offender, TrainingModeError, UnsupportedLayerError
+from linearize.errors import (
+    CompileError,
+    NonFiniteParameterError,
+    Offender,
+    TrainingModeError,
+    UnsupportedLayerError,
+)
 from linearize.ir import Add, Affine, LinearOperator, MaxPool, Node, Program, ReLU
+from linearize.ops.batchnorm import batchnorm_problem
 from linearize.registry import callable_name, function_lowering, method_lowering, module_lowering
 from linearize.tolerances import within
 
@@ -74,6 +81,9 @@ def compile(  # noqa: A001  (the public name is fixed by the API contract)
     Raises:
         UnsupportedLayerError: naming every module / call that is not piecewise-linear.
         TrainingModeError: a BatchNorm or Dropout is in training mode.
+        NonFiniteParameterError: a parameter or buffer holds NaN or inf, or an eval-mode
+            batch-norm's scale or shift is not finite in float64 (e.g. running_var + eps
+            is 0); all of them are named. Every parameter and buffer counts, used or not.
         ValueError: ``input_shape`` does not fit the model, or the model is not traceable
             with one tensor input and one tensor output.
     """
@@ -82,6 +92,7 @@ def compile(  # noqa: A001  (the public name is fixed by the API contract)
     input_shape = _check_shape(input_shape)
     _reject_training_mode(model)
     _reject_hooks(model)
+    _reject_non_finite(model)
 
     work = copy.deepcopy(model).to(device="cpu", dtype=torch.float64)
     gm = _trace(work)
@@ -150,6 +161,41 @@ def _reject_training_mode(model: nn.Module) -> None:
     ]
     if offenders:
         raise TrainingModeError(offenders)
+
+
+def _reject_non_finite(model: nn.Module) -> None:
+    offenders: list[Offender] = []
+    seen: set[int] = set()
+    for path, m in model.named_modules():
+        own = [*m.named_parameters(recurse=False), *m.named_buffers(recurse=False)]
+        clean = True
+        for name, t in own:
+            if t is None or id(t) in seen:
+                continue
+            seen.add(id(t))
+            problem = _non_finite(t)
+            if problem:
+                clean = False
+                offenders.append(Offender(f"{path}.{name}" if path else name, "", problem))
+        if (clean and isinstance(m, nn.modules.batchnorm._BatchNorm)
+                and m.running_mean is not None and m.running_var is not None):
+            problem = batchnorm_problem(m)
+            if problem:
+                offenders.append(Offender(path, type(m).__name__, problem))
+    if offenders:
+        raise NonFiniteParameterError(type(model).__name__, offenders)
+
+
+def _non_finite(t: Tensor) -> str:
+    """'' if every entry of t is finite, else e.g. 'holds NaN (1 of 16 entries)'."""
+    if not (t.is_floating_point() or t.is_complex()):
+        return ""
+    t = t.detach()
+    nan, inf = int(t.isnan().sum()), int(t.isinf().sum())
+    if not nan and not inf:
+        return ""
+    what = " and ".join(w for w, n in (("NaN", nan), ("inf", inf)) if n)
+    return f"holds {what} ({nan + inf} of {t.numel()} entries)"
 
 
 def _reject_hooks(model: nn.Module) -> None:

@@ -64,6 +64,30 @@ class TrainingModeError(UnsupportedLayerError):
     )
 
 
+class NonFiniteParameterError(ValueError):
+    """A parameter, buffer or derived batch-norm scale / shift of the model is NaN or infinite.
+
+    ``offenders`` lists every one, in module order: for a tensor, ``path`` is its
+    state-dict name (``'0.weight'``) and ``kind`` is empty; for a derived value,
+    ``path`` and ``kind`` name the module (``'1'``, ``'BatchNorm1d'``).
+    """
+
+    def __init__(self, model: str, offenders: Sequence[Offender]):
+        self.offenders = tuple(offenders)
+        n = len(self.offenders)
+        noun = "parameter or buffer is" if n == 1 else "parameters or buffers are"
+        listed = "; ".join(_nonfinite_item(o) for o in self.offenders)
+        super().__init__(
+            f"Cannot linearize {model}: {n} {noun} not finite: {listed}. A network with NaN "
+            f"or infinite parameters is not a finite piecewise-linear function."
+        )
+
+
+def _nonfinite_item(o: Offender) -> str:
+    where = repr(o.path) if o.path else "'<model>'"
+    return f"{where} ({o.kind}): {o.reason}" if o.kind else f"{where} {o.reason}"
+
+
 class CompileError(RuntimeError):
     """The compiled program disagreed with the model on the check input (a compiler bug)."""
 
