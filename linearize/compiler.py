@@ -20,7 +20,6 @@ from typing import NoReturn
 import torch
 import torch.fx as fx
 from torch import Tensor, nn
-from torch.fx.passes.shape_prop import ShapeProp, TensorMetadata
 
 import linearize.ops  # noqa: F401  (registers the lowerings)
 from linearize import passes
@@ -102,17 +101,18 @@ def compile(  # noqa: A001  (the public name is fixed by the API contract)
         generator=torch.Generator().manual_seed(_CHECK_SEED),
     )
     try:
-        with torch.no_grad():
-            ShapeProp(gm).propagate(example)
+        shapes = _shapes(gm, example)
     except Exception as e:  # noqa: BLE001  (torch raises many types for a shape mismatch)
-        cause = e.__cause__ or e.__context__ or e  # ShapeProp re-raises a generic RuntimeError
         raise ValueError(
             f"input_shape {input_shape} does not fit {type(model).__name__}: running it on a "
-            f"batch of shape {tuple(example.shape)} failed with {type(cause).__name__}: {cause}"
+            f"batch of shape {tuple(example.shape)} failed with {type(e).__name__}: {e}"
         ) from e
-    alt_batch = _leading_sizes(gm, example[:ALT_BATCH].clone())
+    try:
+        alt_batch = {n: s[0] for n, s in _shapes(gm, example[:ALT_BATCH].clone()).items() if s}
+    except Exception:  # noqa: BLE001  (a model that runs at one batch size but not another)
+        alt_batch = {}  # then every reshape is taken to mix examples
 
-    lowering = _Lowering(gm, input_shape, alt_batch)
+    lowering = _Lowering(gm, input_shape, shapes, alt_batch)
     program = lowering.run(source=type(model).__name__)
     program.lint()
     if fold_batchnorm:
@@ -239,28 +239,33 @@ def _trace(model: nn.Module) -> fx.GraphModule:
     return fx.GraphModule(model, graph)
 
 
-class _LeadingSizes(fx.Interpreter):
+class _ShapeRecorder(fx.Interpreter):
+    """Runs the traced model and keeps the shape of every tensor-valued node.
+
+    Used instead of torch.fx's ShapeProp, which prints a traceback to stderr before
+    re-raising any error (a wrong ``input_shape`` is an ordinary user error here) and
+    keeps its results as ad-hoc node metadata.
+    """
+
     def __init__(self, gm: fx.GraphModule):
         super().__init__(gm)
-        self.sizes: dict[fx.Node, int] = {}
+        self.extra_traceback = False  # the error is the model's, not the interpreter's
+        self.shapes: dict[fx.Node, torch.Size] = {}
 
     def run_node(self, n: fx.Node):
         result = super().run_node(n)
-        if isinstance(result, Tensor) and result.dim():
-            self.sizes[n] = result.shape[0]
+        if isinstance(result, Tensor):
+            self.shapes[n] = result.shape
         return result
 
 
-def _leading_sizes(gm: fx.GraphModule, example: Tensor) -> dict[fx.Node, int]:
-    """Leading size of every tensor the traced model computes on ``example``; {} if it fails
-    (then every reshape is taken to mix examples)."""
-    run = _LeadingSizes(gm)
-    try:
-        with torch.no_grad():
-            run.run(example)
-    except Exception:  # noqa: BLE001  (a model that runs at one batch size but not another)
-        return {}
-    return run.sizes
+def _shapes(gm: fx.GraphModule, example: Tensor) -> dict[fx.Node, torch.Size]:
+    """Shape (N, ...) of every tensor the traced model computes on ``example``; nodes that
+    yield no tensor (sizes, tuples) are absent. Raises what the model raises."""
+    run = _ShapeRecorder(gm)
+    with torch.no_grad():
+        run.run(example)
+    return run.shapes
 
 
 def _writes_first_argument(n: fx.Node, gm: fx.GraphModule) -> bool:
@@ -297,10 +302,11 @@ class _Lowering:
     section below)."""
 
     def __init__(self, gm: fx.GraphModule, input_shape: tuple[int, ...],
-                 alt_batch: dict[fx.Node, int]):
+                 shapes: dict[fx.Node, torch.Size], alt_batch: dict[fx.Node, int]):
         self.gm = gm
         self.input_shape = input_shape
-        self.alt_batch = alt_batch
+        self.shapes = shapes  # (TRACE_BATCH, ...) of each tensor-valued traced node
+        self.alt_batch = alt_batch  # leading size of each at batch ALT_BATCH
         self.nodes: list[Node] = []
         self.env: dict[fx.Node, object] = {}
         self.offenders: list[Offender] = []
@@ -314,7 +320,7 @@ class _Lowering:
 
     @property
     def out_shape(self) -> tuple[int, ...]:
-        return tuple(self._fx.meta["tensor_meta"].shape[1:])
+        return tuple(self.shapes[self._fx][1:])
 
     def is_value(self, arg: object) -> bool:
         return isinstance(arg, fx.Node) and isinstance(self.env.get(arg), int)
@@ -332,7 +338,7 @@ class _Lowering:
         raise _Unsupported(reason)
 
     def require_batch_preserved(self) -> None:
-        meta = self._fx.meta["tensor_meta"].shape
+        meta = self.shapes[self._fx]
         n_in = prod(self.shape(self.value(self._fx.args[0])))
         kept = meta[0] == TRACE_BATCH and self.alt_batch.get(self._fx) == ALT_BATCH
         if not kept or prod(meta[1:]) != n_in:
@@ -394,10 +400,9 @@ class _Lowering:
 
     def _offend(self, n: fx.Node, reason: str = "") -> object:
         self.offenders.append(Offender(self._path, self._kind(n), reason))
-        meta = n.meta.get("tensor_meta")
-        keeps_batch = isinstance(meta, TensorMetadata) and len(meta.shape) > 1
-        if keeps_batch and meta.shape[0] == TRACE_BATCH:
-            shape = tuple(meta.shape[1:])
+        traced = self.shapes.get(n)
+        if traced is not None and len(traced) > 1 and traced[0] == TRACE_BATCH:
+            shape = tuple(traced[1:])
             return self._emit(_Unlowered(self._path, (), shape, shape))
         return _POISON
 
@@ -414,8 +419,7 @@ class _Lowering:
         deps = n.all_input_nodes
         if any(self.env.get(d) is _POISON for d in deps):
             return _POISON
-        is_tensor = isinstance(n.meta.get("tensor_meta"), TensorMetadata)
-        if not is_tensor:
+        if n not in self.shapes:
             return self._size_computation(n)
         try:
             if n.op == "call_module":

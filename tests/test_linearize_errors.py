@@ -390,6 +390,21 @@ def test_input_shape_that_does_not_fit(model, shape):
     assert "ShapeProp" not in str(info.value)  # the cause, not torch.fx's wrapper
 
 
+@pytest.mark.parametrize("model, shape", [
+    (nn.Sequential(nn.Flatten(), nn.Linear(784, 10)), (1, 27, 28)),
+    (nn.Sequential(nn.Conv2d(1, 2, 3)), (2, 8, 8)),
+], ids=["linear", "conv-channels"])
+def test_input_shape_that_does_not_fit_prints_nothing(model, shape, capfd):
+    """Only our ValueError reaches the user: torch.fx's ShapeProp printed a traceback."""
+    capfd.readouterr()
+    with pytest.raises(ValueError, match="does not fit Sequential") as info:
+        linearize.compile(model.eval(), shape)
+    out, err = capfd.readouterr()
+    assert (out, err) == ("", "")
+    assert "While executing" not in str(info.value)  # torch.fx's note on the cause
+    assert "tlparse" not in str(info.value)
+
+
 @pytest.mark.parametrize("shape", [(), (0, 4), (-1,), (3, "a"), None, 4], ids=str)
 def test_malformed_input_shape(shape):
     with pytest.raises(ValueError, match="input_shape must be"):
