@@ -6,17 +6,34 @@
 >>> ob.verify(x).ok
 """
 
-from openbox import features, regions, tolerances
+from openbox import features, geometry, regions, tolerances
 from openbox.configuration import Configuration, RegionKey, tie_break_direction
+from openbox.constraints import RadiusPair
 from openbox.engine import Explanation, OpenBox, VerificationReport
 from openbox.geometry import Polytope
+
+_LAZY = ("fmnist", "plotting", "record", "loading", "cli")
+"""Submodules imported on first attribute access (``openbox.fmnist.load_sample()`` works
+after a plain ``import openbox``) so that the engine does not pay for matplotlib or the
+dataset kit unless they are used."""
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return importlib.import_module(f"openbox.{name}")
+    raise AttributeError(f"module 'openbox' has no attribute {name!r}")
+
 
 __all__ = [
     "Configuration",
     "Explanation",
     "features",
+    "geometry",
     "OpenBox",
     "Polytope",
+    "RadiusPair",
     "RegionKey",
     "VerificationReport",
     "regions",
