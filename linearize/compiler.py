@@ -12,11 +12,13 @@ from __future__ import annotations
 
 import copy
 import inspect
+import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass
 from math import prod
 from typing import NoReturn
 
+import numpy as np
 import torch
 import torch.fx as fx
 from torch import Tensor, nn
@@ -68,7 +70,8 @@ def compile(  # noqa: A001  (the public name is fixed by the API contract)
 
     Args:
         model: the network; not modified (parameters, buffers and ``.training`` stay).
-        input_shape: per-example input shape, e.g. (1, 28, 28) for (N, 1, 28, 28) batches.
+        input_shape: per-example input shape, e.g. (1, 28, 28) for (N, 1, 28, 28) batches:
+            positive ints (Python or NumPy integers; not bool, and not floats, even 8.0).
         fold_batchnorm: merge each eval-mode batch-norm into the conv / linear before it.
         check: run the program and the (copied) model on a seeded float64 batch and
             raise :class:`CompileError` if they differ beyond the float64 tolerance.
@@ -140,13 +143,25 @@ def compile(  # noqa: A001  (the public name is fixed by the API contract)
 
 
 def _check_shape(input_shape: Sequence[int]) -> tuple[int, ...]:
+    """``input_shape`` as a tuple of Python ints; ValueError unless it is a non-empty
+    sequence of positive integers (Python or NumPy, not bool; an integral float such as
+    8.0 is refused too, since a float shape is more often a mistake than a size)."""
+    expected = ("input_shape must be a non-empty sequence of positive ints (Python or NumPy "
+                f"integers, not bool), got {input_shape!r}")
+    if isinstance(input_shape, (str, bytes)):
+        raise ValueError(expected)
     try:
-        shape = tuple(int(s) for s in input_shape)
-    except (TypeError, ValueError) as e:
-        raise ValueError(f"input_shape must be a sequence of ints, got {input_shape!r}") from e
-    if not shape or any(s <= 0 for s in shape):
-        raise ValueError(f"input_shape must be non-empty positive ints, got {input_shape!r}")
-    return shape
+        entries = list(input_shape)
+    except TypeError as e:
+        raise ValueError(expected) from e
+    if not entries:
+        raise ValueError(expected)
+    for i, s in enumerate(entries):
+        if not isinstance(s, numbers.Integral) or isinstance(s, (bool, np.bool_)):
+            raise ValueError(f"{expected}: entry {i} is {s!r} ({type(s).__name__})")
+        if s <= 0:
+            raise ValueError(f"{expected}: entry {i} is {s!r}")
+    return tuple(int(s) for s in entries)
 
 
 def _reject_training_mode(model: nn.Module) -> None:

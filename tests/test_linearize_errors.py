@@ -10,6 +10,7 @@ from __future__ import annotations
 import re
 from collections import OrderedDict
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -409,6 +410,26 @@ def test_input_shape_that_does_not_fit_prints_nothing(model, shape, capfd):
 def test_malformed_input_shape(shape):
     with pytest.raises(ValueError, match="input_shape must be"):
         linearize.compile(nn.Sequential(nn.Identity()), shape)
+
+
+@pytest.mark.parametrize("shape", [
+    (1, 8.7, 8), (1, 8.0, 8), (True, 8, 8), (1, np.bool_(True), 8), (1, np.float64(8), 8),
+    (1, torch.tensor(8), 8), "188", (1, 8, 0), (1, -8, 8),
+], ids=["8.7", "8.0", "True", "np.bool_", "np.float64", "tensor", "str", "zero", "negative"])
+def test_input_shape_entries_must_be_positive_ints(shape):
+    """Regression: (1, 8.7, 8) was silently compiled as (1, 8, 8)."""
+    with pytest.raises(ValueError, match=r"^input_shape must be a non-empty sequence of "
+                                         r"positive ints \(Python or NumPy integers, not bool\), "
+                                         r"got " + re.escape(repr(shape))):
+        linearize.compile(nn.Sequential(nn.Flatten(), nn.Linear(64, 2)).eval(), shape)
+
+
+@pytest.mark.parametrize("shape", [(1, 8, 8), [1, 8, 8], torch.Size([1, 8, 8]),
+                                   (np.int64(1), np.int32(8), 8), np.array([1, 8, 8])],
+                         ids=["tuple", "list", "torch.Size", "numpy ints", "numpy array"])
+def test_input_shape_accepts_int_sequences(shape):
+    prog = linearize.compile(nn.Sequential(nn.Flatten(), nn.Linear(64, 2)).eval(), shape)
+    assert prog.input_shape == (1, 8, 8) and all(type(s) is int for s in prog.input_shape)
 
 
 def test_not_a_module():
