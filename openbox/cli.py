@@ -6,39 +6,43 @@ Exit codes (scripts may rely on them):
 * 1 -- a verification failed: the local linear classifier or the compiled program
   does not reproduce the model within the working dtype's tolerance;
 * 2 -- bad usage or input: unknown option, missing or tampered checkpoint, missing
-  data, index out of range. The reason goes to stderr as ``openbox: error: ...``.
+  data, index out of range, an unusable output path or device. Arguments are checked
+  before any training or explaining starts. The reason goes to stderr as
+  ``openbox: error: ...``.
 
 Progress bars (tqdm) go to stderr; results go to stdout. torch's thread count
-follows ``OMP_NUM_THREADS`` as torch itself reads it.
+follows ``OMP_NUM_THREADS`` as torch itself reads it. This module parses arguments
+and prints; the record it writes is :mod:`openbox.record`, its figures
+:mod:`openbox.plotting`, and a user's own model and image files are read by
+:mod:`openbox.loading`.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
+import re
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Sequence
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 
-from openbox.engine import Explanation, OpenBox, VerificationReport
+from openbox import loading, record
+from openbox.engine import OpenBox
 from openbox.features import REST, decision_features
 from openbox.fmnist import data as obdata
-from openbox.fmnist.checkpoints import (
-    CheckpointError,
-    CheckpointInfo,
-    load_checkpoint,
-    save_checkpoint,
-)
+from openbox.fmnist.checkpoints import CheckpointError, save_checkpoint
 from openbox.fmnist.data import CLASSES, DatasetError, load_fashion_mnist, load_sample
 from openbox.fmnist.demo import DEMO_CHECKPOINT, DEMO_CLASSES, demo_checkpoint, demo_indices
 from openbox.fmnist.models import MODEL_NAMES, build_model, count_parameters, describe_models
+from openbox.loading import ImageError, LoadedModel, ModelLoadError
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -46,20 +50,30 @@ EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
 
 PROG = "openbox"
+DISTRIBUTION = "openbox"
 DTYPES = {"float64": torch.float64, "float32": torch.float32}
 DOMAIN = (0.0, 1.0)  # pixels in [0, 1]: the input box attached to every polytope
 DEMO_OUT = "openbox-demo"
 DEMO_FIGURE = "decision-features.png"
 DEMO_SUMMARY = "summary.txt"
+EXPLAIN_FILES = ("input.png", "features.png", "explanation.json")
 VERIFY_DEFAULT_N = 100
 VERIFY_BATCH = 25  # images per ob.verify call (one progress step)
 FIG_DPI = 100
-INPUT_FIG_INCHES = 2.6
 SAMPLE_NOTE = "pass --data DIR for the full test split"
+NPZ_SUFFIX = ".npz"
+TRAIN_DEVICES = ("cpu", "cuda", "mps")
 
 
 class UsageError(Exception):
     """An expected problem with the user's arguments or files: printed, exit code 2."""
+
+
+def _version() -> str:
+    try:
+        return metadata.version(DISTRIBUTION)
+    except metadata.PackageNotFoundError:  # run from a source tree that is not installed
+        return "unknown (not installed)"
 
 
 # --- shared helpers --------------------------------------------------------------------
@@ -70,13 +84,12 @@ def _say(*parts: Any) -> None:
     tqdm.write(" ".join(str(p) for p in parts), file=sys.stdout)
 
 
+def _warn(message: str) -> None:
+    tqdm.write(f"{PROG}: warning: {message}", file=sys.stderr)
+
+
 def _progress(iterable=None, **kwargs):
     return tqdm(iterable, file=sys.stderr, dynamic_ncols=True, leave=False, **kwargs)
-
-
-def _load_model(path: str | Path) -> tuple[torch.nn.Module, CheckpointInfo]:
-    """A checkpoint's model (eval mode, CPU); CheckpointError names the file and the fault."""
-    return load_checkpoint(Path(path))
 
 
 def _test_images(data_dir: str | None, download: bool) -> tuple[obdata.Dataset, str]:
@@ -85,20 +98,58 @@ def _test_images(data_dir: str | None, download: bool) -> tuple[obdata.Dataset, 
         ds = load_sample()
         return ds, f"the packaged {len(ds):,}-image sample of the test split ({SAMPLE_NOTE})"
     ds = load_fashion_mnist("test", data_dir, download=download, progress=True)
+    if len(ds) == 0:
+        raise UsageError(f"the test split in {data_dir} holds no images")
     return ds, f"the test split in {data_dir} ({len(ds):,} images)"
 
 
-def _class_names(info: CheckpointInfo, ds: obdata.Dataset | None = None) -> list[str] | None:
-    names = info.metadata.get("classes")
-    if isinstance(names, list) and len(names) == info.num_classes:
-        return [str(n) for n in names]
-    if ds is not None and ds.num_classes == info.num_classes:
+def _class_names(m: LoadedModel, ds: obdata.Dataset | None = None) -> list[str] | None:
+    """The model's own class names, else the data set's, else Fashion-MNIST's for a
+    10-class model; None when none fits."""
+    if m.class_names is not None:
+        return list(m.class_names)
+    if ds is not None and ds.num_classes == m.num_classes:
         return list(ds.classes)
-    return list(CLASSES) if info.num_classes == len(CLASSES) else None
+    return list(CLASSES) if m.num_classes == len(CLASSES) else None
 
 
 def _name(c: int, names: Sequence[str] | None) -> str:
     return names[c] if names is not None and 0 <= c < len(names) else f"class {c}"
+
+
+def _normal(name: str) -> str:
+    """A class name as typed or stored, for matching: lower case, letters and digits
+    only ('T-shirt/top' -> 'tshirttop', so 'tshirt' and 't-shirt' both find it)."""
+    return re.sub(r"[^0-9a-z]", "", name.lower())
+
+
+def _resolve_class(value: str | None, flag: str, num_classes: int,
+                   names: Sequence[str] | None) -> int | None:
+    """``--target`` / ``--versus`` value (an index or a class name, case-insensitive, a
+    unique prefix will do) -> class index; None stays None."""
+    if value is None:
+        return None
+    text = value.strip()
+    if re.fullmatch(r"[+-]?\d+", text):
+        c = int(text)
+        if not 0 <= c < num_classes:
+            raise UsageError(f"{flag} {c} is out of range: the model has {num_classes} classes "
+                             f"(0..{num_classes - 1})")
+        return c
+    if names is None:
+        raise UsageError(f"{flag} {value!r}: this model's classes have no names; give an "
+                         f"index 0..{num_classes - 1}")
+    key = _normal(text)
+    exact = [i for i, n in enumerate(names) if _normal(n) == key]
+    hits = exact or ([i for i, n in enumerate(names) if _normal(n).startswith(key)] if key
+                     else [])
+    if len(hits) == 1:
+        return hits[0]
+    listed = ", ".join(f"{i} {n!r}" for i, n in enumerate(names))
+    if hits:
+        raise UsageError(f"{flag} {value!r} is ambiguous: it matches "
+                         f"{', '.join(repr(names[i]) for i in hits)}; classes: {listed}")
+    raise UsageError(f"{flag} {value!r} is not a class of this model; classes: {listed}")
 
 
 def _check_index(index: int, n: int, where: str) -> None:
@@ -107,13 +158,51 @@ def _check_index(index: int, n: int, where: str) -> None:
                          f"(indices 0..{n - 1})")
 
 
-def _out_dir(path: str | Path) -> Path:
+def _writable_folder(folder: Path, flag: str, shown: str | Path) -> None:
+    """Raise UsageError unless files can be created in ``folder`` (or, if it does not exist
+    yet, in the nearest existing folder above it). A probe file is created and removed:
+    permission bits do not tell (root, read-only mounts, ACLs)."""
+    probe = folder
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir():
+        raise UsageError(f"{flag} {shown}: {probe} is a file, not a folder")
+    try:
+        with tempfile.TemporaryFile(dir=probe):
+            pass
+    except OSError as exc:
+        raise UsageError(f"{flag} {shown}: cannot write in {probe} "
+                         f"({exc.strerror or exc})") from exc
+
+
+def _check_out_dir(path: str, flag: str = "--out") -> Path:
+    """An output folder that can be created and written, checked without creating it."""
+    if not path.strip():
+        raise UsageError(f"{flag} is empty; it names the output folder")
     out = Path(path)
     if out.exists() and not out.is_dir():
-        raise UsageError(f"{out} exists and is not a folder; --out names the output folder")
+        raise UsageError(f"{out} exists and is not a folder; {flag} names the output folder")
+    _writable_folder(out, flag, path)
+    return out
+
+
+def _check_out_file(path: str, flag: str, suffix: str | None = None) -> Path:
+    """An output file whose folder can be written, checked without writing it."""
+    if not path.strip():
+        raise UsageError(f"{flag} is empty; it names the file to write")
+    out = Path(path)
+    if out.is_dir() or path.endswith(("/", os.sep)):
+        raise UsageError(f"{flag} {path} is a folder; it names the file to write")
+    if suffix is not None and out.suffix.lower() != suffix:
+        raise UsageError(f"{flag} {path}: the file name must end in {suffix}")
+    _writable_folder(out.parent, flag, path)
+    return out
+
+
+def _make_dir(out: Path) -> Path:
     try:
         out.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:  # FileExistsError for a file, PermissionError, ...
+    except OSError as exc:  # a race with another process, or a folder that went away
         raise UsageError(f"cannot use {out} as the output folder ({exc.strerror or exc})") from exc
     return out
 
@@ -123,34 +212,55 @@ def _save(fig, path: Path) -> Path:
     return path
 
 
-def _input_figure(x: torch.Tensor, title: str):
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(INPUT_FIG_INCHES, INPUT_FIG_INCHES), layout="constrained")
-    ax = fig.subplots()
-    image = x.detach().to("cpu").double()
-    ax.imshow(image.sum(0) if image.dim() == 3 else image, cmap="gray", vmin=0.0, vmax=1.0,
-              interpolation="nearest")
-    ax.set_title(title, fontsize=9)
-    ax.set_xticks([])
-    ax.set_yticks([])
-    return fig
-
-
 def _fmt(value: float | None) -> str:
     return "inf" if value is None else f"{value:.3g}"
 
 
-def _finite(value: float) -> float | None:
-    """JSON has no inf/nan: a radius of inf (an unbounded region) becomes None."""
-    return float(value) if math.isfinite(value) else None
+def _train_device(value: str) -> torch.device:
+    """``--device`` as a torch device that can train here; UsageError naming what can."""
+    try:
+        device = torch.device(value)
+    except (RuntimeError, ValueError) as exc:
+        raise UsageError(f"--device {value!r} is not a torch device ({exc})") from exc
+    available = ["cpu"]
+    if torch.cuda.is_available():
+        available += [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+    mps = getattr(torch.backends, "mps", None)
+    if mps is not None and mps.is_available():
+        available.append("mps")
+    here = f"devices available here: {', '.join(available)}"
+    if device.type not in TRAIN_DEVICES:
+        raise UsageError(f"--device {value}: openbox trains on {', '.join(TRAIN_DEVICES)}, "
+                         f"not on {device.type!r}; {here}")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UsageError(f"--device {value}: this torch build or machine has no CUDA; "
+                             f"{here}")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise UsageError(f"--device {value}: there are {torch.cuda.device_count()} CUDA "
+                             f"devices; {here}")
+    if device.type == "mps" and "mps" not in available:
+        raise UsageError(f"--device {value}: MPS is not available; {here}")
+    return device
+
+
+def _expected_errors() -> tuple[type[BaseException], ...]:
+    """The exceptions that mean bad usage or input (exit 2), not a bug."""
+    from openbox.fmnist import training
+
+    # raised by train() when the loss goes non-finite (added to openbox.fmnist.training
+    # by its owner; absent from older versions)
+    diverged = getattr(training, "TrainingDivergedError", None)
+    extra = (diverged,) if isinstance(diverged, type) else ()
+    return (UsageError, CheckpointError, DatasetError, ModelLoadError, ImageError, OSError,
+            *extra)
 
 
 # --- train -------------------------------------------------------------------------------
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from openbox.fmnist.training import train
+    from openbox.fmnist import training
 
     kwargs: dict[str, Any] = {}
     if args.channels is not None:
@@ -161,30 +271,31 @@ def cmd_train(args: argparse.Namespace) -> int:
         kwargs["pool"] = args.pool
     if args.no_batch_norm:
         kwargs["batch_norm"] = False
+    # every argument is checked before the data are read and long before training
+    out = _check_out_file(args.out, "--out")
     if args.epochs < 1 or args.batch_size < 1 or not args.lr > 0:
         raise UsageError("--epochs and --batch-size must be >= 1 and --lr > 0, got "
                          f"{args.epochs}, {args.batch_size} and {args.lr}")
-    try:
-        device = torch.device(args.device)
-    except RuntimeError as exc:
-        raise UsageError(f"--device {args.device!r} is not a torch device ({exc})") from exc
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError(f"--device {args.device}: this torch build or machine has no CUDA")
+    device = _train_device(args.device)
     try:
         model = build_model(args.model, len(CLASSES), seed=args.seed, **kwargs)
     except ValueError as exc:
         raise UsageError(f"cannot build model {args.model!r} with {kwargs}: {exc}") from exc
     train_set = load_fashion_mnist("train", args.data, download=args.download)
     test_set = load_fashion_mnist("test", args.data, download=args.download)
+    for split, ds in (("training", train_set), ("test", test_set)):
+        if len(ds) == 0:
+            raise UsageError(f"the {split} split ({ds.source}) holds no images")
     _say(f"{args.model} {kwargs or '(default options)'}: {count_parameters(model):,} parameters;"
          f" {len(train_set):,} training / {len(test_set):,} test images from "
          f"{train_set.source.rsplit(' (', 1)[0]}")
     started = time.perf_counter()
-    result = train(model, train_set, test_set, epochs=args.epochs, batch_size=args.batch_size,
-                   lr=args.lr, seed=args.seed, device=device, progress=True)
+    result = training.train(model, train_set, test_set, epochs=args.epochs,
+                            batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+                            device=device, progress=True)
     seconds = time.perf_counter() - started
-    out = save_checkpoint(
-        args.out, model.to("cpu"), arch=args.model, arch_kwargs=kwargs,
+    written = save_checkpoint(
+        out, model.to("cpu"), arch=args.model, arch_kwargs=kwargs,
         num_classes=len(CLASSES),
         metadata={
             "dataset": train_set.source,
@@ -205,111 +316,96 @@ def cmd_train(args: argparse.Namespace) -> int:
     )
     _say(f"train accuracy {result.train_accuracy[-1]:.4f}, test accuracy "
          f"{result.final_test_accuracy:.4f} after {args.epochs} epoch(s) in {seconds:.1f} s")
-    _say(f"wrote {out}")
+    _say(f"wrote {written}")
     return EXIT_OK
+
+
+# --- explain and verify: the model ---------------------------------------------------------
+
+
+def _load_model(args: argparse.Namespace) -> LoadedModel:
+    """The positional checkpoint, or ``--model MODULE:FACTORY --weights FILE``."""
+    if args.model is not None:
+        if args.checkpoint is not None:
+            raise UsageError(f"give either a checkpoint ({args.checkpoint}) or --model and "
+                             "--weights, not both")
+        if args.weights is None:
+            raise UsageError(f"--model {args.model} needs --weights FILE (the model's state "
+                             "dict, saved with torch.save(model.state_dict(), FILE))")
+        return loading.load_model_factory(args.model, args.weights)
+    if args.weights is not None:
+        raise UsageError(f"--weights {args.weights} needs --model MODULE:FACTORY (the code "
+                         "that builds the model)")
+    if args.checkpoint is None:
+        raise UsageError("expected a checkpoint CKPT (written by 'openbox train'), or "
+                         "--model MODULE:FACTORY --weights FILE")
+    return loading.load_checkpoint_model(args.checkpoint)
+
+
+def _check_input_shape(m: LoadedModel, shape: tuple[int, ...], where: str) -> None:
+    if tuple(m.input_shape) != tuple(shape):
+        raise UsageError(f"the model takes inputs of shape {tuple(m.input_shape)}, but {where} "
+                         f"holds {tuple(shape)} images")
 
 
 # --- explain -----------------------------------------------------------------------------
 
 
-def _explanation_record(
-    *, info: CheckpointInfo, where: str, data_dir: str | None, index: int, label: int, names,
-    e: Explanation, report: VerificationReport, poly, features, inscribed: dict[str, Any],
-    ob: OpenBox,
-) -> dict[str, Any]:
-    config = e.configuration
-    logits = e.logits[0].tolist()
-    predicted = int(e.prediction[0])
-    tol = ob.tol
-    n_dropped = poly.n_dropped
-    return {
-        "checkpoint": str(info.path),
-        "checkpoint_sha256": info.sha256,
-        "arch": info.arch,
-        "arch_kwargs": info.arch_kwargs,
-        "data": where,
-        "data_dir": data_dir,
-        "index": index,
-        "label": label,
-        "label_name": _name(label, names),
-        "predicted": predicted,
-        "predicted_name": _name(predicted, names),
-        "correct": predicted == label,
-        "class_names": names,
-        "logits": logits,
-        "region_key": str(e.region_key[0]),
-        "certified_radius": {"l2": _finite(poly.radius(norm=2)),
-                             "linf": _finite(poly.radius(norm=float("inf")))},
-        "certified_radius_note": "largest ball around x inside its region (the network's own "
-                                 "constraints; the input domain is not one); 0 when x lies "
-                                 "on a facet",
-        "n_tight": int(e.n_tight[0]),
-        "n_tight_relu": int(config.n_tight_relu[0]),
-        "n_tight_pool": int(config.n_tight_pool[0]),
-        "inscribed_radius": inscribed["value"],
-        "inscribed_radius_note": inscribed["note"],
-        "verification": {
-            "passed": bool(report.passed[0]),
-            "max_abs_error": float(report.max_abs_error),
-            "llc_error": float(report.llc_error[0]),
-            "program_error": float(report.program_error[0]),
-            "rtol": report.rtol,
-            "atol": report.atol,
-        },
-        "polytope": {
-            "n_constraints": int(poly.n_constraints),
-            "n_zero_rows_dropped": n_dropped,
-            "n_inputs": int(poly.A.shape[1]),
-            "domain": list(DOMAIN),
-            "nbytes": int(poly.nbytes),
-        },
-        "decision_features": {
-            "target": features.target,
-            "target_name": _name(features.target, names),
-            "versus": features.versus,
-            "logit_gap": features.logit_gap,
-            "model_gap": features.model_gap,
-            "delta": features.delta,
-        },
-        "dtype": str(ob.dtype).removeprefix("torch."),
-        "tolerances": {
-            "verify_rtol": tol.verify_rtol,
-            "verify_atol": tol.verify_atol,
-            "tie": tol.tie,
-            "same_function": tol.same_function,
-            "feasibility": tol.feasibility,
-            "lp": tol.lp,
-        },
-        "tie_break": "configuration at x + t u for small t > 0, u = "
-                     "openbox.configuration.tie_break_direction",
-    }
-
-
 def cmd_explain(args: argparse.Namespace) -> int:
-    from openbox.plotting import plot_decision_features
+    from openbox.plotting import plot_decision_features, plot_input, verification_title
 
     dtype = DTYPES[args.dtype]
-    model, info = _load_model(args.checkpoint)
-    ds, where = _test_images(args.data, args.download)
-    _check_index(args.index, len(ds), where)
-    for flag, c in (("--target", args.target), ("--versus", args.versus)):
-        if isinstance(c, int) and not 0 <= c < info.num_classes:
-            raise UsageError(f"{flag} {c} is out of range: the model has {info.num_classes} "
-                             f"classes (0..{info.num_classes - 1})")
-    names = _class_names(info, ds)
-    out = _out_dir(args.out)
+    out = _check_out_dir(args.out)
+    save = None if args.save is None else _check_out_file(args.save, "--save", NPZ_SUFFIX)
+    if args.image is not None and (args.data is not None or args.download):
+        raise UsageError("--data and --download choose the test split for --index; "
+                         "--image FILE needs neither")
+    m = _load_model(args)
+    ds = None
+    if args.image is None:
+        ds, where = _test_images(args.data, args.download)
+        _check_index(args.index, len(ds), where)
+    names = _class_names(m, ds)
+    target = _resolve_class(args.target, "--target", m.num_classes, names)
+    versus = _resolve_class(None if args.versus == REST else args.versus, "--versus",
+                            m.num_classes, names)
+    if target is not None and target == versus:
+        raise UsageError(f"--target and --versus are both class {target} "
+                         f"({_name(target, names)}); a class is contrasted with another one "
+                         "or with the rest")
+    if args.image is not None:
+        x1 = loading.load_image(args.image)
+        _check_input_shape(m, tuple(x1.shape), f"--image {args.image}")
+        if loading.looks_inverted(x1):
+            _warn(f"{args.image} has a light border; Fashion-MNIST images are light objects "
+                  "on black, so a dark-on-light image may need inverting (1 - x)")
+        label, source = None, {"image": str(args.image)}
+        where, title = f"image file {args.image}", Path(args.image).name
+    else:
+        assert ds is not None
+        _check_input_shape(m, tuple(ds.images.shape[1:]), where)
+        x1, label = ds.images[args.index], int(ds.labels[args.index])
+        source = {"data": where, "data_dir": args.data, "index": args.index}
+        title = f"test image {args.index}"
 
-    steps = ["compile", "explain", "verify", "polytope"] + (["inscribed"] if args.inscribed
-                                                           else []) + ["figures"]
+    steps = ["compile", "explain", "verify", "radius", "polytope"] + (
+        ["inscribed"] if args.inscribed else []) + ["figures"]
     bar = _progress(total=len(steps), desc="explain", unit="step")
 
     def step(name: str) -> None:
         bar.set_description(name)
 
     step("compile")
-    ob = OpenBox(model, info.input_shape, dtype=dtype, domain=DOMAIN)
-    x = ds.images[args.index : args.index + 1].to(dtype)
-    label = int(ds.labels[args.index])
+    ob = OpenBox(m.model, m.input_shape, dtype=dtype, domain=DOMAIN)
+    x = x1.unsqueeze(0).to(dtype)
+    if versus is not None and target is None:  # the class to explain is the prediction
+        with torch.no_grad():
+            predicted = int(ob.program(x).argmax(dim=1)[0])
+        if predicted == versus:
+            bar.close()
+            raise UsageError(f"--versus {args.versus}: the model predicts "
+                             f"{_name(predicted, names)} here, and a class is not contrasted "
+                             "with itself; give --target too, or another --versus")
     bar.update()
     step("explain")
     e = ob.explain(x)
@@ -317,60 +413,74 @@ def cmd_explain(args: argparse.Namespace) -> int:
     step("verify")
     report = ob.verify(x)
     bar.update()
+    step("radius")
+    radii = ob.radius_pair(x)
+    r2, rinf = float(radii.l2[0]), float(radii.linf[0])
+    bar.update()
     step("polytope")
     poly = ob.polytope(x[0])
     bar.update()
     if args.inscribed:
         step("inscribed")
         started = time.perf_counter()
-        inscribed = {"value": _finite(poly.inscribed_radius()),
-                     "note": f"Chebyshev-ball LP over {poly.n_constraints:,} constraints, "
-                             f"{time.perf_counter() - started:.1f} s"}
+        value = poly.inscribed_radius()
+        inscribed = (value, f"Chebyshev-ball LP over {poly.n_constraints:,} constraints, "
+                            f"{time.perf_counter() - started:.1f} s")
         bar.update()
     else:
-        inscribed = {"value": None,
-                     "note": "not computed: an LP over all constraints (seconds to minutes on "
-                             "a small machine); pass --inscribed to compute it"}
+        inscribed = (None, "not computed: an LP over all constraints (seconds to minutes on "
+                           "a small machine); pass --inscribed to compute it")
     step("figures")
     try:
-        features = decision_features(e, 0, target=args.target, versus=args.versus)
+        features = decision_features(e, 0, target=target,
+                                     versus=REST if versus is None else versus)
     except ValueError as exc:
         raise UsageError(str(exc)) from exc
-    title = f"#{args.index}: {_name(label, names)}"
-    input_png = _save(_input_figure(x[0], title), out / "input.png")
-    features_png = _save(plot_decision_features(features, class_names=names, label=label),
-                         out / "features.png")
+    out = _make_dir(out)
+    input_png, features_png, json_path = (out / name for name in EXPLAIN_FILES)
+    predicted = int(e.prediction[0])
+    _save(plot_input(x[0], prediction=predicted, label=label, class_names=names, name=title),
+          input_png)
+    suptitle = verification_title(m.description, dtype, float(report.max_abs_error), report.ok)
+    _save(plot_decision_features(features, class_names=names, label=label,
+                                 title=f"{title}: {suptitle}"), features_png)
     bar.update()
     bar.close()
 
-    record = _explanation_record(
-        info=info, where=where, data_dir=args.data, index=args.index, label=label, names=names,
-        e=e, report=report, poly=poly, features=features, inscribed=inscribed, ob=ob,
+    rec = record.explanation_record(
+        model={"description": m.description, **m.provenance}, input=source, label=label,
+        class_names=names, explanation=e, report=report, features=features, polytope=poly,
+        radii=(r2, rinf), inscribed=inscribed, tolerances=ob.tol, dtype=dtype,
     )
-    json_path = out / "explanation.json"
-    json_path.write_text(json.dumps(record, indent=2) + "\n")
+    json_path.write_text(json.dumps(rec, indent=2) + "\n")
+    if save is not None:
+        record.save_npz(save, explanation=e, features=features, radii=(r2, rinf),
+                        report=report, label=label, class_names=names)
 
-    r = record["certified_radius"]
-    _say(f"image {args.index} of {where}")
-    _say(f"  label {record['label_name']}, predicted {record['predicted_name']} "
-         f"(logit {max(record['logits']):.4f}); region {record['region_key']}")
-    _say(f"  on {record['n_tight']} facets ({record['n_tight_relu']} tied ReLU inputs, "
-         f"{record['n_tight_pool']} max-pool ties); certified radius L2 {_fmt(r['l2'])}, "
-         f"L-inf {_fmt(r['linf'])}")
+    conf = rec["explanation"]["configuration"]
+    radius = rec["certified_radius"]
+    _say(f"{where}, explained with {m.description}")
+    truth = "" if label is None else f"label {rec['label_name']}, "
+    _say(f"  {truth}predicted {rec['predicted_name']} (logit {max(e.logits[0].tolist()):.4f}); "
+         f"region {rec['region_key']}")
+    _say(f"  on {rec['explanation']['n_tight']} facets ({conf['n_tight_relu']} tied ReLU "
+         f"inputs, {conf['n_tight_pool']} max-pool ties); certified radius L2 "
+         f"{_fmt(radius['l2'])}, L-inf {_fmt(radius['linf'])}")
     if args.inscribed:
         _say(f"  inscribed (Chebyshev) radius of the region: "
-             f"{_fmt(record['inscribed_radius'])}")
+             f"{_fmt(rec['inscribed_radius']['value'])}")
     _say(f"  polytope: {poly.n_constraints:,} constraints "
-         f"({record['polytope']['n_zero_rows_dropped']:,} identically zero rows dropped)")
-    v = record["verification"]
-    _say(f"  verification {'passed' if v['passed'] else 'FAILED'} in {args.dtype}: "
+         f"({rec['polytope']['n_zero_rows_dropped']:,} identically zero rows dropped)")
+    v = rec["verification"]
+    _say(f"  verification {'passed' if v['ok'] else 'FAILED'} in {args.dtype}: "
          f"max |LLC - model| {v['llc_error']:.2e}, max |program - model| "
          f"{v['program_error']:.2e} (tolerance {v['atol']:g} + {v['rtol']:g} |f(x)|)")
-    versus = REST if features.versus == REST else _name(features.versus, names)
-    _say(f"  decision features of {_name(features.target, names)} vs {versus}: "
+    f = rec["decision_features"]
+    _say(f"  decision features of {f['target_name']} vs {f['versus_name']}: "
          f"logit gap {features.logit_gap:.6f} (LLC) vs {features.model_gap:.6f} (model)")
-    _say(f"wrote {input_png}, {features_png}, {json_path}")
-    return EXIT_OK if v["passed"] else EXIT_FAILED
+    written = [input_png, features_png, json_path] + ([save] if save is not None else [])
+    _say(f"wrote {', '.join(map(str, written))}")
+    return EXIT_OK if v["ok"] else EXIT_FAILED
 
 
 # --- verify ------------------------------------------------------------------------------
@@ -378,17 +488,18 @@ def cmd_explain(args: argparse.Namespace) -> int:
 
 def cmd_verify(args: argparse.Namespace) -> int:
     dtype = DTYPES[args.dtype]
-    model, info = _load_model(args.checkpoint)
-    ds, where = _test_images(args.data, args.download)
     if args.n < 1 or args.start < 0:
         raise UsageError(f"--n must be >= 1 and --start >= 0, got {args.n} and {args.start}")
+    m = _load_model(args)
+    ds, where = _test_images(args.data, args.download)
     if args.start + args.n > len(ds):
         raise UsageError(f"--start {args.start} --n {args.n} asks for images up to "
                          f"{args.start + args.n - 1}, but {where} holds {len(ds):,} images")
-    names = _class_names(info, ds)
-    ob = OpenBox(model, info.input_shape, dtype=dtype, domain=DOMAIN)
-    _say(f"verifying {info.path} on images {args.start}..{args.start + args.n - 1} of {where} "
-         f"in {args.dtype}")
+    _check_input_shape(m, tuple(ds.images.shape[1:]), where)
+    names = _class_names(m, ds)
+    ob = OpenBox(m.model, m.input_shape, dtype=dtype, domain=DOMAIN)
+    _say(f"verifying {m.description} on images {args.start}..{args.start + args.n - 1} of "
+         f"{where} in {args.dtype}")
     header = (f"{'index':>6}  {'label':<12} {'predicted':<12} {'|LLC-model|':>11}  "
               f"{'|prog-model|':>12}  {'tight':>5}  pass")
     _say(header)
@@ -421,25 +532,26 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from openbox.plotting import plot_grid
+    from openbox.plotting import plot_grid, verification_title
 
     started = time.perf_counter()
-    out = _out_dir(args.out)
-    model, info = _load_model(demo_checkpoint())
+    out = _check_out_dir(args.out)
+    m = loading.load_checkpoint_model(demo_checkpoint())
     ds = load_sample()
-    names = _class_names(info, ds)
+    names = _class_names(m, ds)
     indices = demo_indices(ds.labels)
-    ob = OpenBox(model, info.input_shape, dtype=torch.float64, domain=DOMAIN)
-    accuracy = info.metadata.get("test_accuracy")
+    ob = OpenBox(m.model, m.input_shape, dtype=torch.float64, domain=DOMAIN)
+    accuracy = m.provenance["metadata"].get("test_accuracy")
     accuracy = f", test accuracy {accuracy:.3f}" if isinstance(accuracy, float) else ""
-    _say(f"demo: {info.arch} {info.arch_kwargs}{accuracy}; explaining {len(indices)} images "
-         "of the packaged sample in float64")
+    _say(f"demo: {m.description}{accuracy}; explaining {len(indices)} images of the packaged "
+         "sample in float64")
     rows, feats, all_ok = [], [], True
     for i in _progress(indices, desc="demo", unit="image"):
         x = ds.images[i : i + 1].double()
         e = ob.explain(x)
         report = ob.verify(x)
-        r2, rinf = (float(r[0]) for r in ob.radius_pair(x))
+        radii = ob.radius_pair(x)
+        r2, rinf = float(radii.l2[0]), float(radii.linf[0])
         f = decision_features(e, 0)
         feats.append(f)
         all_ok &= report.ok
@@ -453,12 +565,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
             "r2": r2, "rinf": rinf, "region": str(e.region_key[0]), "gap": f.logit_gap,
             "delta": f.delta,
         })
+    title = verification_title(m.description, torch.float64, max(r["error"] for r in rows),
+                               all_ok)
     fig = plot_grid(feats, class_names=names, labels=[r["label_id"] for r in rows],
-                    row_titles=[f"sample image {r['index']}" for r in rows])
-    figure = _save(fig, out / DEMO_FIGURE)
+                    row_titles=[f"sample image {r['index']}" for r in rows], title=title)
+    figure = _save(fig, _make_dir(out) / DEMO_FIGURE)
 
     lines = [
-        f"openbox demo: {info.arch} {info.arch_kwargs} from the packaged {DEMO_CHECKPOINT}, "
+        f"openbox demo: {m.description} from the packaged {DEMO_CHECKPOINT}, "
         f"on {len(rows)} images of the packaged Fashion-MNIST test sample, in float64.",
         "error = max |W_x x + b_x - model(x)| and |program(x) - model(x)| over the 10 logits "
         f"(tolerance {ob.tol.verify_atol:g} + {ob.tol.verify_rtol:g} |f(x)|); tight = facets "
@@ -492,28 +606,46 @@ def cmd_demo(args: argparse.Namespace) -> int:
 # --- parser ------------------------------------------------------------------------------
 
 
-class _Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    pass
+class _Formatter(argparse.RawDescriptionHelpFormatter):
+    """Descriptions as written, and ``(default: X)`` after an option's help, unless the
+    option is required, has no default (None or False), or its help already says it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        if (action.required or default is None or default is False
+                or default is argparse.SUPPRESS or "default" in text.lower()
+                or (not action.option_strings and action.nargs not in ("?", "*"))):
+            return text
+        return f"{text} (default: %(default)s)" if text else "(default: %(default)s)"
 
 
-def _add_common(p: argparse.ArgumentParser, *, sample: bool) -> None:
-    if sample:
-        p.add_argument("--data", metavar="DIR", default=None,
-                       help="folder with the Fashion-MNIST IDX files; use its test split "
-                            "(default: the 1,000-image sample shipped in the package)")
+def _add_data(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data", metavar="DIR", default=None,
+                   help="folder with the Fashion-MNIST IDX files; use its test split "
+                        "(default: the 1,000-image sample shipped in the package)")
+    _add_download(p)
+
+
+def _add_download(p: argparse.ArgumentParser) -> None:
     p.add_argument("--download", action="store_true",
                    help="download the official Fashion-MNIST files into the data folder "
                         "if they are missing (needs internet access)")
 
 
-def _versus(value: str) -> str | int:
-    if value == REST:
-        return REST
-    try:
-        return int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected 'rest' or a class index, got {value!r}") \
-            from None
+def _add_model(p: argparse.ArgumentParser) -> None:
+    p.add_argument("checkpoint", metavar="CKPT", nargs="?", default=None,
+                   help="checkpoint written by 'openbox train' (or give --model and --weights)")
+    p.add_argument("--model", metavar="MODULE:FACTORY", default=None,
+                   help="your own model instead of a checkpoint: FACTORY() in MODULE (a module "
+                        "name, searched from the current folder, or a .py file) returns the "
+                        "torch.nn.Module; needs --weights")
+    p.add_argument("--weights", metavar="FILE", default=None,
+                   help="the state dict for --model, saved with torch.save(model.state_dict(), "
+                        "FILE); read with torch.load(weights_only=True)")
+
+
+CLASS_HELP = "an index or a class name (case-insensitive; a unique prefix will do)"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -525,6 +657,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="exit codes: 0 ok, 1 verification failed, 2 bad usage or input. "
                "Run 'openbox demo' for a first look (offline, under a minute).",
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     p = sub.add_parser(
@@ -540,39 +673,53 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", metavar="DIR", default=None,
                    help="folder with the four Fashion-MNIST IDX files "
                         "(default: $OPENBOX_DATA_DIR, then the user cache)")
-    _add_common(p, sample=False)
+    _add_download(p)
     p.add_argument("--epochs", type=int, default=5, help="passes over the training split")
     p.add_argument("--out", required=True, metavar="CKPT", help="checkpoint file to write (.pt)")
     p.add_argument("--seed", type=int, default=0, help="seeds weights and shuffling")
-    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--batch-size", type=int, default=128, help="images per Adam step")
     p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate")
     p.add_argument("--channels", type=int, nargs="+", default=None, metavar="C",
-                   help="convolution widths (cnn, lenet: two; gap: any number)")
+                   help="convolution widths (cnn, lenet: two; gap: any number; default: the "
+                        "architecture's own)")
     p.add_argument("--hidden", type=int, nargs="+", default=None, metavar="H",
-                   help="hidden widths of the fully connected layers (plnn, lenet)")
-    p.add_argument("--pool", choices=("max", "avg"), default=None, help="pooling (cnn only)")
+                   help="hidden widths of the fully connected layers (plnn, lenet; default: "
+                        "the architecture's own)")
+    p.add_argument("--pool", choices=("max", "avg"), default=None,
+                   help="pooling (cnn only; default: max)")
     p.add_argument("--no-batch-norm", action="store_true", help="leave out BatchNorm (cnn, gap)")
-    p.add_argument("--device", default="cpu", help="torch device to train on")
+    p.add_argument("--device", default="cpu",
+                   help="torch device to train on (cpu, cuda, cuda:1, mps)")
     p.set_defaults(run=cmd_train)
 
     p = sub.add_parser(
-        "explain", help="explain one test image: LLC, decision features, region, radius",
+        "explain", help="explain one image: LLC, decision features, region, radius",
         formatter_class=_Formatter,
-        description="Explain test image --index with the checkpoint's model: write input.png, "
-                    "features.png (decision features of the predicted class) and "
-                    "explanation.json (logits, region key, certified radii, tight facets, "
-                    "verification, polytope size) into --out.",
+        description="Explain test image --index (or your own --image) with the checkpoint's "
+                    "model (or your own --model): write input.png, features.png (decision "
+                    "features of the predicted class) and explanation.json (logits, region key, "
+                    "certified radii, tight facets, verification, polytope size) into --out; "
+                    "with --save, also the arrays (W_x, b_x, contrast, region key, radii) as "
+                    "an .npz file.",
     )
-    p.add_argument("checkpoint", metavar="CKPT", help="checkpoint written by 'openbox train'")
-    p.add_argument("--index", type=int, required=True, help="image index in the test split")
-    _add_common(p, sample=True)
+    _add_model(p)
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--index", type=int, help="image index in the test split")
+    which.add_argument("--image", metavar="FILE",
+                       help="your own image: a 28 x 28 greyscale PNG, or a .npy array of "
+                            "shape (28, 28) or (1, 28, 28) with values in [0, 1]")
+    _add_data(p)
     p.add_argument("--out", required=True, metavar="DIR", help="output folder (created)")
+    p.add_argument("--save", metavar="FILE.npz", default=None,
+                   help="also write the explanation's arrays to FILE.npz (numpy.load reads it)")
     p.add_argument("--dtype", choices=tuple(DTYPES), default="float64",
                    help="working dtype (float64: exact to ~1e-10)")
-    p.add_argument("--target", type=int, default=None,
-                   help="class whose decision features to draw (default: the predicted class)")
-    p.add_argument("--versus", type=_versus, default=REST, metavar="rest|C",
-                   help="contrast against the mean of the other classes, or one class C")
+    p.add_argument("--target", metavar="CLASS", default=None,
+                   help=f"class whose decision features to draw: {CLASS_HELP} "
+                        "(default: the predicted class)")
+    p.add_argument("--versus", metavar="rest|CLASS", default=REST,
+                   help="contrast against the mean of the other classes (rest), or against "
+                        f"one class: {CLASS_HELP}")
     p.add_argument("--inscribed", action="store_true",
                    help="also solve the LP for the region's inscribed-ball (Chebyshev) radius "
                         "(slow: one LP over all ~10^4 constraints)")
@@ -585,27 +732,26 @@ def build_parser() -> argparse.ArgumentParser:
                     "classifier reproduce the model's logits within the dtype's tolerance. "
                     "Exit code 0 when all pass, 1 when any fails.",
     )
-    p.add_argument("checkpoint", metavar="CKPT", help="checkpoint written by 'openbox train'")
-    _add_common(p, sample=True)
+    _add_model(p)
+    _add_data(p)
     p.add_argument("--n", type=int, default=VERIFY_DEFAULT_N, help="number of images")
     p.add_argument("--start", type=int, default=0, help="first image index")
     p.add_argument("--dtype", choices=tuple(DTYPES), default="float64", help="working dtype")
     p.set_defaults(run=cmd_verify)
 
+    shown = ", ".join(CLASSES[c] for c in DEMO_CLASSES)
     p = sub.add_parser(
         "demo", help="offline demo on the packaged model and sample images",
         formatter_class=_Formatter,
-        description=f"Explain {len(DEMO_CLASSES)} packaged test images (one per class) with the "
-                    f"packaged {DEMO_CHECKPOINT}, verify them, and write a figure of their "
-                    f"decision features ({DEMO_FIGURE}) and a text summary ({DEMO_SUMMARY}). "
-                    "Needs no data folder and no network.",
+        description=f"Explain {len(DEMO_CLASSES)} packaged test images, one of each of these "
+                    f"{len(DEMO_CLASSES)} classes: {shown}, with the packaged "
+                    f"{DEMO_CHECKPOINT}; verify them, and write a figure of their decision "
+                    f"features ({DEMO_FIGURE}) and a text summary ({DEMO_SUMMARY}). Needs no "
+                    "data folder and no network.",
     )
     p.add_argument("--out", default=DEMO_OUT, metavar="DIR", help="output folder (created)")
     p.set_defaults(run=cmd_demo)
     return parser
-
-
-EXPECTED_ERRORS = (UsageError, CheckpointError, DatasetError, OSError)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -613,7 +759,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
-    except SystemExit as exc:  # --help (0) or a usage error (2, already printed)
+    except SystemExit as exc:  # --help / --version (0) or a usage error (2, already printed)
         return exc.code if isinstance(exc.code, int) else EXIT_OK
     if args.command is None:
         parser.print_help(sys.stderr)
@@ -624,7 +770,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BrokenPipeError:  # e.g. `openbox verify ... | head`: stop quietly, as cat does
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return EXIT_FAILED
-    except EXPECTED_ERRORS as exc:
+    except _expected_errors() as exc:
         message = str(exc) if not isinstance(exc, OSError) or exc.filename is None else \
             f"{exc.filename}: {exc.strerror or exc}"
         if isinstance(exc, DatasetError):  # the loader's advice, in the CLI's terms

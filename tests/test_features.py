@@ -1,4 +1,4 @@
-"""openbox.features and openbox.plotting: decision features of the LLC, and their figures.
+"""openbox.features: decision features of the LLC (their figures: test_plotting.py).
 
 References are independent of openbox.features: the contrast is recomputed from
 ``e.weight`` with an explicit loop over the other classes, and the logit gap from the
@@ -9,19 +9,16 @@ from __future__ import annotations
 
 import copy
 
-import matplotlib.image
 import numpy as np
 import pytest
 import torch
-from _models import random_cnn, random_mlp
-from matplotlib.figure import Figure
+from _models import random_cnn
 
 import openbox
-from openbox.features import DecisionFeatures, decision_features
+from openbox.features import decision_features
 from openbox.fmnist.checkpoints import load_checkpoint
-from openbox.fmnist.data import CLASSES, load_sample
+from openbox.fmnist.data import load_sample
 from openbox.fmnist.demo import demo_checkpoint
-from openbox.plotting import plot_decision_features, plot_grid
 
 F64 = torch.float64
 GAP_ATOL = 1e-10  # DESIGN.md's float64 bound; the LLC's account of the gap is exact
@@ -131,81 +128,3 @@ def test_bad_arguments_are_refused(demo):
     with pytest.raises(ValueError, match="target must be an integer"):
         decision_features(e, 0, target=2.5)
     assert decision_features(e, np.int64(1), target=torch.tensor(4)).target == 4
-
-
-# --------------------------------------------------------------------------- figures
-
-
-def image_axes(fig: Figure):
-    return [ax for ax in fig.axes if ax.images]
-
-
-def test_plot_decision_features_draws_four_panels_and_writes_a_png(demo, tmp_path):
-    _, e = demo
-    f = decision_features(e, 0)
-    fig = plot_decision_features(f, class_names=CLASSES, label=4)
-    assert isinstance(fig, Figure)
-    panels = image_axes(fig)
-    assert len(panels) == 4 and len(fig.axes) == 8  # four panels, four colourbars
-    titles = [ax.get_title() for ax in panels]
-    name = CLASSES[f.target]
-    assert "label Coat" in titles[0] and f"predicted {CLASSES[f.prediction]}" in titles[0]
-    assert titles[1] == f"W_x[{name}]"
-    assert titles[2] == f"positive: {name} > rest" and titles[3] == f"negative: rest > {name}"
-    # weights: diverging colormap centred at 0; the two feature panels share one scale
-    lo, hi = panels[1].images[0].get_clim()
-    assert lo == -hi and hi == pytest.approx(float(f.weight.abs().max()))
-    assert panels[2].images[0].get_clim() == panels[3].images[0].get_clim()
-    np.testing.assert_allclose(panels[3].images[0].get_array(), -f.negative[0].numpy())
-    path = tmp_path / "features.png"
-    fig.savefig(path, dpi=60)
-    assert path.stat().st_size > 0
-    image = matplotlib.image.imread(path)
-    assert image.ndim == 3 and image.shape[0] > 50 and image.shape[1] > 4 * 50
-
-
-def test_plot_into_given_axes(demo):
-    _, e = demo
-    fig = Figure()
-    axes = fig.subplots(2, 4)
-    assert plot_decision_features(decision_features(e, 2, versus=1), axes[1]) is fig
-    assert [bool(ax.images) for ax in axes.flat] == [False] * 4 + [True] * 4
-    assert axes[1, 2].get_title().endswith("> class 1")  # no class names given
-    with pytest.raises(ValueError, match="4 Axes"):
-        plot_decision_features(decision_features(e, 2), axes[0, :3])
-
-
-def test_plot_grid_has_one_row_per_input(demo, tmp_path):
-    _, e = demo
-    feats = [decision_features(e, i) for i in range(N_IMAGES)]
-    fig = plot_grid(feats, class_names=CLASSES, labels=[4, 1, 7],
-                    row_titles=[f"image {i}" for i in range(N_IMAGES)])
-    panels = image_axes(fig)
-    assert len(panels) == 4 * N_IMAGES
-    assert [panels[4 * i].get_ylabel() for i in range(N_IMAGES)] == ["image 0", "image 1",
-                                                                     "image 2"]
-    fig.savefig(tmp_path / "grid.png", dpi=40)
-    assert matplotlib.image.imread(tmp_path / "grid.png").shape[0] > 100
-    with pytest.raises(ValueError, match="labels has 2 entries for 3 rows"):
-        plot_grid(feats, labels=[1, 2])
-    with pytest.raises(ValueError, match="at least one"):
-        plot_grid([])
-
-
-@pytest.mark.parametrize("kind", ["rgb", "flat"])
-def test_plots_of_other_input_shapes(kind, tmp_path):
-    """RGB inputs are drawn as colour images, maps summed over channels; flat inputs
-    with a square number of features as squares."""
-    if kind == "rgb":
-        model, shape = random_cnn(5, channels=(2, 3), input_shape=(3, 8, 8)).eval(), (3, 8, 8)
-    else:
-        model, shape = random_mlp(5, sizes=(16, 8, 4)).eval(), (16,)
-    ob = openbox.OpenBox(model, shape)
-    x = torch.rand((1, *shape), generator=torch.Generator().manual_seed(1), dtype=F64)
-    f = decision_features(ob.explain(x), 0)
-    assert isinstance(f, DecisionFeatures) and f.weight.shape == shape
-    fig = plot_decision_features(f)
-    panels = image_axes(fig)
-    assert panels[0].images[0].get_array().shape == ((8, 8, 3) if kind == "rgb" else (4, 4))
-    assert panels[1].images[0].get_array().shape == ((8, 8) if kind == "rgb" else (4, 4))
-    fig.savefig(tmp_path / "x.png", dpi=30)
