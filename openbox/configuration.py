@@ -265,15 +265,14 @@ class GateValues:
 
     values: dict[int, Tensor]
     derivatives: dict[int, Tensor]
+    batch_size: int
 
     def __getitem__(self, index) -> GateValues:
         """Sub-batch, as :meth:`Configuration.__getitem__`."""
-        b = next(iter(self.values.values())).shape[0] if self.values else 0
-        index = batch_index(index, b)
-        return GateValues(
-            {k: v[index] for k, v in self.values.items()},
-            {k: v[index] for k, v in self.derivatives.items()},
-        )
+        index = batch_index(index, self.batch_size)
+        values = {k: v[index] for k, v in self.values.items()}
+        n = len(range(self.batch_size)[index]) if isinstance(index, slice) else len(index)
+        return GateValues(values, {k: v[index] for k, v in self.derivatives.items()}, n)
 
 
 class PassResult(NamedTuple):
@@ -313,7 +312,7 @@ def configure(
         run.on, run.select, run.index, run.n_relu, run.n_pool,
         {k: int(program.nodes[k].window.shape[1]) for k in run.select}, context,
     )
-    gates = GateValues(run.values, run.derivatives) if record else None
+    gates = GateValues(run.values, run.derivatives, b) if record else None
     return PassResult(out[:b], config, gates)
 
 

@@ -398,7 +398,9 @@ class OpenBox:
         x = self.check_input(x)
         e = self.explain(x, progress=progress)
         with torch.no_grad():
-            want = torch.cat([self.reference(c) for c in self._chunks(x)])
+            # a clone: a model with an in-place first layer (ReLU(inplace=True)) would
+            # otherwise overwrite the caller's input
+            want = torch.cat([self.reference(c.clone()) for c in self._chunks(x)])
             prog = torch.cat([self.program(c) for c in self._chunks(x)])
         llc = e.predict(x)
         rtol, atol = self.tol.verify_rtol, self.tol.verify_atol

@@ -202,3 +202,13 @@ def test_verify_compares_against_the_model_as_it_was_at_construction():
     report = ob.verify(x)
     assert report.ok, "program and reference are both snapshots of the model at construction"
     assert not openbox.OpenBox(m, (4,)).explain(x).weight.equal(ob.explain(x).weight)
+
+
+def test_verify_does_not_write_into_the_input_of_an_in_place_model():
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.ReLU(inplace=True), nn.Linear(4, 3)).double().eval()
+    ob = openbox.OpenBox(m, (4,))
+    x = torch.tensor([[-1.0, 0.5, -0.25, 2.0]], dtype=F64)
+    before = x.clone()
+    assert ob.verify(x).ok
+    torch.testing.assert_close(x, before, rtol=0, atol=0)
