@@ -110,8 +110,9 @@ class VerificationReport:
         logits: (B, C) the model's own output, the reference.
         llc_error: (B,) max |W_x x + b_x - model(x)| per input.
         program_error: (B,) max |program(x) - model(x)| per input.
-        passed: (B,) bool, both within ``atol + rtol * |model(x)|`` elementwise.
-        rtol, atol: the tolerances used. dtype: the working dtype.
+        passed: (B,) bool, both within ``max(atol + rtol |model(x)|, scale_rtol
+            max_c |model(x)_c|)`` elementwise (:meth:`Tolerances.matches`).
+        rtol, atol, scale_rtol: the tolerances used. dtype: the working dtype.
         n_tight: (B,) facets each input lies on (the tie-broken LLC is still exact).
     """
 
@@ -122,6 +123,7 @@ class VerificationReport:
     passed: Tensor
     rtol: float
     atol: float
+    scale_rtol: float
     dtype: torch.dtype
     n_tight: Tensor
 
@@ -129,12 +131,17 @@ class VerificationReport:
     def ok(self) -> bool:
         return bool(self.passed.all())
 
+    @property
+    def _scale_part(self) -> str:
+        return f", or {self.scale_rtol:g} max|f(x)|" if self.scale_rtol else ""
+
     def __str__(self) -> str:
         n = len(self.passed)
         return (
             f"verify: {int(self.passed.sum())}/{n} inputs pass in {self.dtype} "
             f"(max abs error {self.max_abs_error:.3e}; tolerance {self.atol:g} + "
-            f"{self.rtol:g} |f(x)|; {int((self.n_tight > 0).sum())} inputs on a facet)"
+            f"{self.rtol:g} |f(x)|{self._scale_part}; {int((self.n_tight > 0).sum())} inputs "
+            "on a facet)"
         )
 
 
@@ -414,6 +421,7 @@ class OpenBox:
             program_error=prog_err.amax(dim=1),
             passed=passed,
             rtol=rtol,
+            scale_rtol=self.tol.verify_scale_rtol,
             atol=atol,
             dtype=self.dtype,
             n_tight=e.n_tight,

@@ -212,3 +212,22 @@ def test_verify_does_not_write_into_the_input_of_an_in_place_model():
     before = x.clone()
     assert ob.verify(x).ok
     torch.testing.assert_close(x, before, rtol=0, atol=0)
+
+
+def test_float32_verify_scales_with_the_output_magnitude():
+    from openbox.fmnist import load_demo_model, load_sample
+
+    m, _ = load_demo_model()
+    x = load_sample().images[:64] * 255.0  # unnormalised pixels: logits in the thousands
+    ob32 = openbox.OpenBox(m, (1, 28, 28), dtype=torch.float32)
+    report = ob32.verify(x)
+    assert report.ok, str(report)
+    assert float(report.logits.abs().max()) > 1000
+    # the float32 bound is still 1e-4 where logits are of Fashion-MNIST size ...
+    tol = ob32.tol
+    m_small = torch.tensor([[20.0, -3.0]])
+    assert bool(tol.matches(m_small + 9e-5, m_small).all())
+    assert not bool(tol.matches(m_small + 1.1e-4, m_small).any())
+    # ... and a real error is still caught at large scale
+    big = report.logits
+    assert not bool(tol.matches(big + 0.05 * big.abs().amax(1, keepdim=True), big).all())
