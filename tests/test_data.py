@@ -5,8 +5,12 @@ from __future__ import annotations
 import gzip
 import hashlib
 import importlib.util
+import os
 import struct
+import threading
+import tracemalloc
 import urllib.error
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +19,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from openbox.fmnist import data
+from openbox.fmnist import data, idx
 from openbox.fmnist.data import (
     CLASSES,
     DATA_DIR_ENV,
@@ -38,6 +42,13 @@ needs_offline = pytest.mark.skipif(
     not all((OFFLINE_DIR / name).is_file() for pair in SPLITS.values() for name in pair),
     reason=f"offline Fashion-MNIST copy not found at {OFFLINE_DIR} (CI has it at ../shared)",
 )
+
+
+GZIP_WBITS = 31  # zlib's gzip container
+BLOCK = 1 << 20
+BOMB_BYTES = 50 << 20
+FEW_MB = 4 << 20
+FIFO_WAIT_S = 10.0
 
 
 def random_images(rng: np.random.Generator, n: int) -> np.ndarray:
@@ -182,6 +193,88 @@ def test_gz_name_without_gzip_content(tmp_path):
 def test_missing_file(tmp_path):
     with pytest.raises(DatasetError, match="no such file"):
         read_idx(tmp_path / "nothing.gz")
+
+
+def gzip_stream(header: bytes, zeros: int) -> bytes:
+    """gzip of ``header`` then ``zeros`` zero bytes, compressed piece by piece (the
+    inflated content never exists in memory)."""
+    packer = zlib.compressobj(9, zlib.DEFLATED, GZIP_WBITS)
+    parts = [packer.compress(header)]
+    block = bytes(BLOCK)
+    for start in range(0, zeros, BLOCK):
+        parts.append(packer.compress(block[:min(BLOCK, zeros - start)]))
+    parts.append(packer.flush())
+    return b"".join(parts)
+
+
+def test_gzip_bomb_is_refused_without_inflating(tmp_path):
+    # a valid header announcing (10, 28, 28), then 50 MB of zeros: ~50 KB on disk
+    header = bytes([0, 0, 0x08, 3]) + struct.pack(">3I", 10, 28, 28)
+    path = tmp_path / "bomb-idx3-ubyte.gz"
+    path.write_bytes(gzip_stream(header, BOMB_BYTES))
+    assert path.stat().st_size < BOMB_BYTES // 100
+    tracemalloc.start()
+    try:
+        with pytest.raises(DatasetError, match=r"over-long IDX payload.*\(10, 28, 28\) needs "
+                                               r"7840 bytes, found more") as err:
+            read_idx(path)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert str(path) in str(err.value)
+    assert peak < FEW_MB, f"read_idx held {peak:,} bytes at once for a 7,840-byte payload"
+
+
+def test_header_announcing_an_absurd_size(tmp_path):
+    header = bytes([0, 0, 0x08, 3]) + struct.pack(">3I", 2**16, 2**16, 2**16)
+    for path in (tmp_path / "absurd-idx3-ubyte", tmp_path / "absurd-idx3-ubyte.gz"):
+        path.write_bytes(gzip.compress(header + bytes(100)) if path.suffix else header)
+        with pytest.raises(DatasetError, match=r"announces shape \(65536, 65536, 65536\), "
+                                               r"281,474,976,710,656 bytes; at most "
+                                               r"2,147,483,648") as err:
+            read_idx(path)
+        assert str(path) in str(err.value)
+    assert idx.MAX_IDX_PAYLOAD == 2**31
+
+
+def test_short_gzip_payload_holds_only_what_arrived(tmp_path):
+    # announces 2 GiB (allowed) but delivers 1 MB: the reader must not reserve 2 GiB
+    header = bytes([0, 0, 0x08, 1]) + struct.pack(">I", 2**31)
+    path = tmp_path / "short.gz"
+    path.write_bytes(gzip_stream(header, 1 << 20))
+    tracemalloc.start()
+    try:
+        with pytest.raises(DatasetError, match=r"truncated IDX payload.*needs 2147483648 "
+                                               r"bytes, found 1048576"):
+            read_idx(path)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < FEW_MB
+
+
+def test_directory_and_fifo_are_named_not_opened(tmp_path):
+    with pytest.raises(DatasetError, match="is a directory"):
+        read_idx(tmp_path)
+    if not hasattr(os, "mkfifo"):
+        return
+    fifo = tmp_path / "fifo-idx1-ubyte"
+    os.mkfifo(fifo)
+    outcome = []
+    reader = threading.Thread(target=lambda: outcome.append(catch(read_idx, fifo)), daemon=True)
+    reader.start()
+    reader.join(FIFO_WAIT_S)
+    if reader.is_alive():  # unblock the reader before failing
+        os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+        pytest.fail("read_idx blocked on a FIFO")
+    assert isinstance(outcome[0], DatasetError) and "is not a regular file" in str(outcome[0])
+
+
+def catch(function, *args):
+    try:
+        return function(*args)
+    except Exception as exc:  # returned for the test to inspect
+        return exc
 
 
 def test_count_mismatch_between_images_and_labels(tmp_path):

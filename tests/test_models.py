@@ -14,7 +14,7 @@ from openbox.fmnist import checkpoints, models
 from openbox.fmnist.checkpoints import CheckpointError, load_checkpoint, save_checkpoint
 from openbox.fmnist.data import load_sample
 from openbox.fmnist.models import INPUT_SHAPE, MODEL_NAMES, MODELS, build_model, count_parameters
-from openbox.fmnist.training import TrainResult, evaluate, train
+from openbox.fmnist.training import TrainingDivergedError, TrainResult, evaluate, train
 
 PIECEWISE_LINEAR = (nn.Sequential, nn.Linear, nn.Conv2d, nn.BatchNorm1d, nn.BatchNorm2d, nn.ReLU,
                     nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.Flatten)
@@ -104,7 +104,104 @@ def test_seeded_build_is_reproducible_and_leaves_global_rng_alone():
     assert not torch.equal(a.conv1.weight, c.conv1.weight)
 
 
+@pytest.mark.parametrize("seed", [2**70, 2**63, -1, True, 1.5, "0"])
+def test_seed_out_of_range_is_named(seed, split):
+    with pytest.raises(ValueError, match=r"seed must be an integer in \[0, 2\*\*63 - 1\]"):
+        build_model("cnn", seed=seed)
+    with pytest.raises(ValueError, match=r"seed must be an integer in \[0, 2\*\*63 - 1\]"):
+        train(build_model("plnn", seed=0), split[0], epochs=1, seed=seed, progress=False)
+
+
+def test_largest_seed_is_accepted():
+    assert models.MAX_SEED == 2**63 - 1
+    a, b = build_model("plnn", seed=models.MAX_SEED), build_model("plnn", seed=models.MAX_SEED)
+    assert torch.equal(a.fc.weight, b.fc.weight)
+
+
+def test_absurd_sizes_are_refused_before_allocating(monkeypatch):
+    initialise = nn.init.kaiming_uniform_
+
+    def no_real_weights(tensor, *args, **kwargs):
+        if not tensor.is_meta:
+            raise AssertionError(f"a {tuple(tensor.shape)} weight tensor was allocated")
+        return initialise(tensor, *args, **kwargs)
+
+    # kaiming init of a real Conv2d of this size would need 1.4 TB; on meta it costs nothing
+    monkeypatch.setattr(nn.init, "kaiming_uniform_", no_real_weights)
+    with pytest.raises(ValueError, match=r"'cnn' .*channels': \[200000, 200000\].* would hold "
+                                         r"360,101,800,012 parameters and buffers; at most "
+                                         r"MAX_PARAMETERS = 50,000,000"):
+        build_model("cnn", channels=[200000, 200000])
+    monkeypatch.undo()
+    with pytest.raises(ValueError, match="MAX_PARAMETERS"):
+        build_model("plnn", 10**8)
+    with pytest.raises(ValueError, match="cannot be built: Storage size calculation overflowed"):
+        build_model("cnn", channels=[10**18, 1])
+    with pytest.raises(ValueError, match=r"hidden must be 1 to 64 positive integers, got "
+                                         r"1,000,000 entries"):
+        build_model("plnn", hidden=[1] * 10**6)
+    with pytest.raises(ValueError, match="at most 5 widths fit a 28x28 image"):
+        build_model("gap", channels=[4] * 6)
+    deepest = build_model("gap", channels=[4] * 5).eval()
+    assert deepest(torch.zeros(1, *INPUT_SHAPE)).shape == (1, 10)
+    with pytest.raises(ValueError, match="batch_norm must be True or False, got 'yes'"):
+        build_model("cnn", batch_norm="yes")
+    with pytest.raises(ValueError, match=r"channels must be 2 positive integers, got \(8.5, 16\)"):
+        build_model("cnn", channels=[8.5, 16])
+    with pytest.raises(ValueError, match="num_classes must be an integer >= 1"):
+        build_model("cnn", 2.5)
+
+
+def test_meta_build_and_state_size():
+    skeleton = build_model("cnn", device="meta", channels=(4, 8))
+    assert all(t.is_meta for t in skeleton.state_dict().values())
+    real = build_model("cnn", channels=(4, 8))
+    assert models.state_size(skeleton) == models.state_size(real) == sum(
+        t.numel() for t in real.state_dict().values())
+    with pytest.raises(ValueError, match="device must be None"):
+        build_model("cnn", device="cpu")
+
+
 # --- training --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("lr", "where", "step"), [
+    (1e30, "at epoch 1/2, step 2/2: the loss is nan", 2),
+    # the loss stays finite; the BN statistics overflow: only the end-of-epoch check sees it
+    (1e10, "in epoch 1/2: bn2.running_var hold NaN or infinite values", None),
+    (1e38, "at epoch 1/2, step 1/2: the update overflows the weights' dtype", 1),
+])
+def test_diverging_training_raises(split, lr, where, step):
+    train_set, _ = split
+    model = build_model("cnn", seed=0, channels=(4, 8))
+    with pytest.raises(TrainingDivergedError) as err:
+        train(model, train_set.subset(torch.arange(64)), epochs=2, batch_size=32, lr=lr,
+              seed=0, progress=False)
+    message = str(err.value)
+    assert message.startswith(f"training diverged {where}"), message
+    assert message.endswith(f"Try a lower learning rate (lr was {lr:g}).")
+    assert isinstance(err.value, RuntimeError)
+    assert (err.value.epoch, err.value.step, err.value.lr) == (1, step, lr)
+    assert torch.are_deterministic_algorithms_enabled() is False  # the context was left
+
+
+@pytest.mark.parametrize("lr", [float("inf"), float("nan"), 0.0, -1e-3])
+def test_non_finite_or_non_positive_lr_is_refused(split, lr):
+    with pytest.raises(ValueError, match="lr must be a finite number > 0"):
+        train(build_model("plnn", seed=0), split[0], epochs=1, lr=lr, progress=False)
+
+
+def test_save_refuses_non_finite_weights(tmp_path):
+    model = build_model("cnn", seed=0, channels=(4, 8))
+    with torch.no_grad():
+        model.conv1.weight[0, 0, 0, 0] = float("nan")
+        model.bn2.running_var[0] = float("inf")
+    with pytest.raises(CheckpointError, match=r"refusing to save: 2 state_dict entries hold NaN "
+                                              r"or infinite values \(conv1.weight, "
+                                              r"bn2.running_var\)"):
+        save_checkpoint(tmp_path / "nan.pt", model, arch="cnn", arch_kwargs={"channels": [4, 8]},
+                        num_classes=10)
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_one_epoch_beats_chance_and_is_deterministic(split):
@@ -172,13 +269,20 @@ def saved(tmp_path):
     return model, path
 
 
-def resave(src: Path, dst: Path, **changes) -> Path:
+def resave(src: Path, dst: Path, *, redigest: bool = True, **changes) -> Path:
+    """Copy a checkpoint with ``changes`` (values, or callables editing the record).
+
+    ``redigest``: recompute the digest, as a forger would, so that only the check under
+    test can object; False leaves the file's digest as it was.
+    """
     record = torch.load(src, weights_only=True)
     for key, value in changes.items():
         if callable(value):
             value(record)
         else:
             record[key] = value
+    if redigest:
+        record["sha256"] = checkpoints.record_digest(record)
     torch.save(record, dst)
     return dst
 
@@ -193,8 +297,9 @@ def test_checkpoint_round_trip(saved):
     assert info.num_classes == 10 and info.input_shape == INPUT_SHAPE
     assert info.metadata["accuracy"] == 0.5 and info.metadata["torch_version"] == torch.__version__
     record = torch.load(path, weights_only=True)  # plain data only
-    assert record["format"] == checkpoints.CHECKPOINT_FORMAT and record["version"] == 1
-    assert record["state_dict_sha256"] == info.sha256
+    assert record["format"] == checkpoints.CHECKPOINT_FORMAT and record["version"] == 2
+    assert record["sha256"] == info.sha256 == checkpoints.record_digest(record)
+    assert info.version == 2 and "state_dict_sha256" not in record
 
 
 def test_saving_twice_gives_identical_bytes(saved, tmp_path):
@@ -212,7 +317,7 @@ def test_tampered_weights_fail_the_digest(saved, tmp_path):
     def bump(record):
         record["state_dict"]["fc.weight"][0, 0] += 1e-3
 
-    tampered = resave(path, tmp_path / "t.pt", tamper=bump)
+    tampered = resave(path, tmp_path / "t.pt", redigest=False, tamper=bump)
     with pytest.raises(CheckpointError, match="digest mismatch") as err:
         load_checkpoint(tampered)
     assert str(tampered) in str(err.value)
@@ -236,9 +341,8 @@ def test_state_dict_that_does_not_fit(saved, tmp_path):
 
 
 def drop_running_var(record):
-    """Remove one buffer and fix the digest, so only the architecture check can object."""
+    """Remove one buffer (resave fixes the digest, so only the architecture check objects)."""
     del record["state_dict"]["bn2.running_var"]
-    record["state_dict_sha256"] = checkpoints.state_dict_digest(record["state_dict"])
 
 
 def test_wrong_input_shape(saved, tmp_path):
@@ -250,11 +354,14 @@ def test_wrong_input_shape(saved, tmp_path):
 def test_missing_keys_and_wrong_format(saved, tmp_path):
     _, path = saved
     with pytest.raises(CheckpointError, match="'num_classes' missing"):
-        load_checkpoint(resave(path, tmp_path / "m.pt", tamper=lambda r: r.pop("num_classes")))
+        load_checkpoint(resave(path, tmp_path / "nc.pt", redigest=False,
+                               tamper=lambda r: r.pop("num_classes")))
     with pytest.raises(CheckpointError, match="expected format tag 'openbox-checkpoint'"):
         load_checkpoint(resave(path, tmp_path / "f.pt", format="something"))
     with pytest.raises(CheckpointError, match="unsupported checkpoint version 99"):
         load_checkpoint(resave(path, tmp_path / "v.pt", version=99))
+    with pytest.raises(CheckpointError, match=r"unexpected fields 'extra'"):
+        load_checkpoint(resave(path, tmp_path / "e.pt", extra=1))
     bare = tmp_path / "bare.pt"
     torch.save(build_model("cnn").state_dict(), bare)
     with pytest.raises(CheckpointError, match="expected format tag"):
@@ -292,7 +399,7 @@ class Payload:
 
 def test_pickled_object_is_refused(saved, tmp_path):
     _, path = saved
-    evil = resave(path, tmp_path / "evil.pt", metadata={"x": Payload()})
+    evil = resave(path, tmp_path / "evil.pt", redigest=False, metadata={"x": Payload()})
     with pytest.raises(CheckpointError, match=r"refused to unpickle.*Payload"):
         load_checkpoint(evil)
 

@@ -14,6 +14,7 @@ from openbox.fmnist.checkpoints import (
     CheckpointError,
     CheckpointInfo,
     load_checkpoint,
+    printable_text,
     save_checkpoint,
 )
 from openbox.fmnist.data import (
@@ -29,13 +30,21 @@ from openbox.fmnist.data import (
 )
 from openbox.fmnist.demo import DEMO_CLASSES, demo_checkpoint, demo_indices, load_demo_model
 from openbox.fmnist.idx import DatasetError, read_idx, write_idx
-from openbox.fmnist.models import MODEL_NAMES, MODELS, build_model, count_parameters
-from openbox.fmnist.training import TrainResult, evaluate, train
+from openbox.fmnist.models import (
+    MAX_PARAMETERS,
+    MODEL_NAMES,
+    MODELS,
+    build_model,
+    check_seed,
+    count_parameters,
+)
+from openbox.fmnist.training import TrainingDivergedError, TrainResult, evaluate, train
 
 __all__ = [
-    "BINARY_TASKS", "CLASSES", "DATA_DIR_ENV", "DEMO_CLASSES", "INPUT_SHAPE", "MODELS",
-    "MODEL_NAMES", "CheckpointError", "CheckpointInfo", "Dataset", "DatasetError",
-    "TrainResult", "binary_subset", "build_model", "count_parameters", "demo_checkpoint",
-    "demo_indices", "evaluate", "load_checkpoint", "load_demo_model", "load_fashion_mnist",
-    "load_sample", "read_idx", "save_checkpoint", "select_classes", "train", "write_idx",
+    "BINARY_TASKS", "CLASSES", "DATA_DIR_ENV", "DEMO_CLASSES", "INPUT_SHAPE", "MAX_PARAMETERS",
+    "MODELS", "MODEL_NAMES", "CheckpointError", "CheckpointInfo", "Dataset", "DatasetError",
+    "TrainResult", "TrainingDivergedError", "binary_subset", "build_model", "check_seed",
+    "count_parameters", "demo_checkpoint", "demo_indices", "evaluate", "load_checkpoint",
+    "load_demo_model", "load_fashion_mnist", "load_sample", "printable_text", "read_idx",
+    "save_checkpoint", "select_classes", "train", "write_idx",
 ]

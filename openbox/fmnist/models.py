@@ -16,13 +16,21 @@ with pixels in ``[0, 1]``; output: logits ``(B, num_classes)``.
 
 ``build_model(name, num_classes=10, **kwargs)`` builds one; ``MODELS[name].description``
 says in one line what it is, with its parameter count at the default settings.
+
+Sizes are bounded: a model may hold at most :data:`MAX_PARAMETERS` scalars (parameters
+and buffers together, counted on the ``meta`` device before anything is allocated) and
+list options (``channels``, ``hidden``) at most :data:`MAX_LAYERS` entries, so neither a
+typo on the command line nor a forged checkpoint can ask for terabytes. Seeds are ints
+in ``[0, MAX_SEED]`` (:func:`check_seed`).
 """
 
 from __future__ import annotations
 
+import numbers
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -31,12 +39,17 @@ from openbox.fmnist.data import INPUT_SHAPE
 
 __all__ = [
     "INPUT_SHAPE",
+    "MAX_LAYERS",
+    "MAX_PARAMETERS",
+    "MAX_SEED",
     "MODELS",
     "MODEL_NAMES",
     "ModelSpec",
     "build_model",
+    "check_seed",
     "count_parameters",
     "describe_models",
+    "state_size",
 ]
 
 
@@ -52,7 +65,18 @@ LENET_KERNEL = 5
 LENET_PADDING = 2  # pads 28x28 to LeNet-5's 32x32 receptive layout
 LENET_HIDDEN = (120, 84)
 GAP_CHANNELS = (16, 32, 64)
+GAP_MAX_STAGES = 5  # 28 -> 14 -> 7 -> 3 -> 1 after four poolings, then the last conv
 POOL_KINDS = ("max", "avg")
+
+MAX_PARAMETERS = 50_000_000
+"""Most scalars (parameters and buffers) a model may hold: 200 MB of float32, ~2,000 times
+the reference CNN. Checked on the ``meta`` device, before any weight is allocated."""
+MAX_LAYERS = 64
+"""Most entries a ``channels`` or ``hidden`` option may list (each adds layers)."""
+MAX_SEED = 2**63 - 1
+"""Largest seed accepted. ``torch.manual_seed`` takes up to 2**64 - 1 (and wraps negative
+seeds onto that range, so -1 and 2**64 - 1 would be the same seed); ``[0, 2**63 - 1]`` is
+one int64, which every checkpoint reader and JSON consumer stores exactly."""
 
 
 def _pool(kind: str) -> nn.Module:
@@ -63,18 +87,44 @@ def _pool(kind: str) -> nn.Module:
     raise ValueError(f"pool must be one of {POOL_KINDS}, got {kind!r}")
 
 
+def _is_int(value: Any) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
 def _positive_ints(name: str, values: Sequence[int], length: int | None = None) -> tuple[int, ...]:
-    values = tuple(int(v) for v in values)
-    if (length is not None and len(values) != length) or not values or min(values) < 1:
-        want = f"{length} positive integers" if length else "positive integers"
-        raise ValueError(f"{name} must be {want}, got {values}")
-    return values
+    want = f"{length} positive integers" if length else f"1 to {MAX_LAYERS} positive integers"
+    try:
+        n = len(values)
+    except TypeError:
+        n = None
+    if n is None or isinstance(values, (str, bytes, Mapping)):
+        raise ValueError(f"{name} must be {want}, got {values!r}")
+    if n > MAX_LAYERS:  # before looking at the entries: the list may be huge
+        raise ValueError(f"{name} must be {want}, got {n:,} entries")
+    if (not all(_is_int(v) for v in values) or (length is not None and len(values) != length)
+            or n == 0 or min(values) < 1):
+        raise ValueError(f"{name} must be {want}, got {tuple(values)!r}")
+    return tuple(int(v) for v in values)
+
+
+def _check_bool(name: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"{name} must be True or False, got {value!r}")
+    return value
 
 
 def _check_classes(num_classes: int) -> int:
-    if int(num_classes) < 1:
-        raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+    if not _is_int(num_classes) or num_classes < 1:
+        raise ValueError(f"num_classes must be an integer >= 1, got {num_classes!r}")
     return int(num_classes)
+
+
+def check_seed(seed: Any, name: str = "seed") -> int:
+    """``seed`` as an int, or ValueError naming ``name`` unless it is an integer in
+    ``[0, MAX_SEED]`` (bools and floats are refused, not rounded)."""
+    if not _is_int(seed) or not 0 <= seed <= MAX_SEED:
+        raise ValueError(f"{name} must be an integer in [0, 2**63 - 1], got {seed!r}")
+    return int(seed)
 
 
 def plnn(
@@ -108,6 +158,9 @@ def cnn(num_classes: int = DEFAULT_NUM_CLASSES, *, channels: Sequence[int] = CNN
     """
     num_classes = _check_classes(num_classes)
     channels = _positive_ints("channels", channels, length=2)
+    batch_norm = _check_bool("batch_norm", batch_norm)
+    if pool not in POOL_KINDS:
+        raise ValueError(f"pool must be one of {POOL_KINDS}, got {pool!r}")
     layers: OrderedDict[str, nn.Module] = OrderedDict()
     width, size = IN_CHANNELS, IMAGE_SIZE
     for i, c in enumerate(channels, start=1):
@@ -161,6 +214,11 @@ def gap(num_classes: int = DEFAULT_NUM_CLASSES, *, channels: Sequence[int] = GAP
     """
     num_classes = _check_classes(num_classes)
     channels = _positive_ints("channels", channels)
+    batch_norm = _check_bool("batch_norm", batch_norm)
+    if IMAGE_SIZE // POOL ** (len(channels) - 1) < 1:
+        raise ValueError(f"channels: at most {GAP_MAX_STAGES} widths fit a {IMAGE_SIZE}x"
+                         f"{IMAGE_SIZE} image (a 2x2 pooling after each but the last), got "
+                         f"{len(channels)}")
     layers: OrderedDict[str, nn.Module] = OrderedDict()
     width = IN_CHANNELS
     for i, c in enumerate(channels, start=1):
@@ -212,34 +270,73 @@ MODELS: dict[str, ModelSpec] = {
 MODEL_NAMES: tuple[str, ...] = tuple(MODELS)
 
 
+def _build_on_meta(name: str, num_classes: int, kwargs: Mapping[str, Any]) -> nn.Module:
+    """The architecture with shapes only (``meta`` device: nothing allocated, no RNG used).
+
+    Raises ValueError: unknown name, invalid option, or more than MAX_PARAMETERS scalars.
+    """
+    if not isinstance(name, str) or name not in MODELS:
+        raise ValueError(f"unknown model {name!r}; expected one of {MODEL_NAMES}")
+    try:
+        with torch.device("meta"):
+            skeleton = MODELS[name].builder(num_classes, **kwargs)
+    except TypeError as exc:
+        raise ValueError(f"invalid options for model {name!r}: {exc}") from exc
+    except RuntimeError as exc:  # e.g. "Storage size calculation overflowed"
+        raise ValueError(f"model {name!r} with {dict(kwargs)} cannot be built: {exc}") from exc
+    size = state_size(skeleton)
+    if size > MAX_PARAMETERS:
+        raise ValueError(
+            f"model {name!r} with {num_classes} classes and options {dict(kwargs)} would hold "
+            f"{size:,} parameters and buffers; at most MAX_PARAMETERS = {MAX_PARAMETERS:,} "
+            "are allowed"
+        )
+    return skeleton
+
+
 def build_model(name: str, num_classes: int = DEFAULT_NUM_CLASSES, *, seed: int | None = None,
-                **kwargs) -> nn.Module:
+                device: str | torch.device | None = None, **kwargs) -> nn.Module:
     """Build a registered architecture with fresh weights.
+
+    The architecture is first built on the ``meta`` device (no memory, no RNG) to check
+    its options and its size against :data:`MAX_PARAMETERS`; only then are weights made.
 
     Args:
         name: one of :data:`MODEL_NAMES`.
         num_classes: number of logits C.
-        seed: if given, initialise the weights from ``torch.manual_seed(seed)`` without
-            touching the global RNG state (so equal seeds give equal weights).
+        seed: if given, an int in ``[0, MAX_SEED]``: initialise the weights from
+            ``torch.manual_seed(seed)`` without touching the global RNG state (so equal
+            seeds give equal weights).
+        device: ``"meta"`` returns the shape-only skeleton (no weights; ``seed`` unused);
+            otherwise None (CPU).
         **kwargs: architecture options (e.g. ``channels=(8, 16)`` for ``cnn``).
 
     Returns:
         The model (train mode, float32, CPU), mapping ``(B, 1, 28, 28) -> (B, num_classes)``.
 
     Raises:
-        ValueError: unknown name or invalid option.
+        ValueError: unknown name, invalid option or seed, or a model larger than
+            :data:`MAX_PARAMETERS`.
     """
-    if name not in MODELS:
-        raise ValueError(f"unknown model {name!r}; expected one of {MODEL_NAMES}")
+    if seed is not None:
+        seed = check_seed(seed)
+    skeleton = _build_on_meta(name, num_classes, kwargs)
+    if device is not None:
+        if torch.device(device).type != "meta":
+            raise ValueError(f"device must be None (CPU) or 'meta', got {device!r}")
+        return skeleton
     builder = MODELS[name].builder
-    try:
-        if seed is None:
-            return builder(num_classes, **kwargs)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            return builder(num_classes, **kwargs)
-    except TypeError as exc:
-        raise ValueError(f"invalid options for model {name!r}: {exc}") from exc
+    if seed is None:
+        return builder(num_classes, **kwargs)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return builder(num_classes, **kwargs)
+
+
+def state_size(model: nn.Module) -> int:
+    """Number of scalars in ``model.state_dict()`` (parameters and buffers, e.g. BatchNorm
+    running statistics); works on a ``meta`` model."""
+    return sum(t.numel() for t in model.state_dict().values())
 
 
 def count_parameters(model: nn.Module) -> int:

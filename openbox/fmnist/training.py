@@ -6,11 +6,18 @@ on a given machine and thread count: the shuffling order comes from its own
 caller's RNG state is untouched), and ``torch.use_deterministic_algorithms`` is on
 (warn-only) for the duration. Data stay where they are and each batch is moved to
 ``device``, so CUDA works when present.
+
+Training that diverges stops at once: a non-finite loss at any step, or non-finite
+parameters or buffers after any epoch, raises :class:`TrainingDivergedError`, so a
+NaN model never reaches a checkpoint (and :func:`~openbox.fmnist.checkpoints.save_checkpoint`
+refuses one anyway).
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
+import numbers
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -20,12 +27,34 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from openbox.fmnist.data import Dataset
+from openbox.fmnist.models import check_seed
 
-__all__ = ["TrainResult", "evaluate", "train"]
+__all__ = ["TrainResult", "TrainingDivergedError", "evaluate", "non_finite_entries", "train"]
 
 DEFAULT_BATCH_SIZE = 128
 DEFAULT_EVAL_BATCH_SIZE = 1000
 DEFAULT_LR = 1e-3
+MAX_NAMED = 3  # tensors named in a divergence message before "and N more"
+
+
+class TrainingDivergedError(RuntimeError):
+    """Training produced a non-finite loss, parameter or buffer (NaN or infinity).
+
+    The message says at which epoch and step and suggests a lower learning rate.
+    Attributes: ``epoch`` (1-based), ``step`` (1-based within the epoch, or None when
+    found by the end-of-epoch check), ``lr``.
+    """
+
+    def __init__(self, message: str, *, epoch: int, step: int | None, lr: float):
+        super().__init__(message)
+        self.epoch, self.step, self.lr = epoch, step, lr
+
+
+def non_finite_entries(model: nn.Module) -> list[str]:
+    """Names of the floating-point parameters and buffers of ``model`` (state-dict names)
+    that hold a NaN or an infinity; empty when all are finite."""
+    return [name for name, tensor in model.state_dict().items()
+            if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all())]
 
 
 @dataclass
@@ -126,17 +155,26 @@ def train(model: nn.Module, train_set: Dataset, test_set: Dataset | None = None,
         test_set: if given, accuracy on it is measured after every epoch.
         epochs: passes over ``train_set`` (reshuffled each epoch; the last batch may be short).
         batch_size: examples per step.
-        lr: Adam learning rate.
-        seed: fixes the shuffling order and any use of the global RNG; same seed, same
-            initial weights, same machine -> same trained weights.
+        lr: Adam learning rate, finite and > 0.
+        seed: an int in ``[0, 2**63 - 1]``; fixes the shuffling order and any use of the
+            global RNG; same seed, same initial weights, same machine -> same trained weights.
         device: e.g. ``"cpu"`` or ``"cuda"``; each batch is moved there.
         progress: show a tqdm bar per epoch.
 
     Returns:
         A :class:`TrainResult`. The model is left in eval mode on ``device``.
+
+    Raises:
+        ValueError: bad ``epochs``, ``batch_size``, ``lr`` or ``seed``, or an empty dataset.
+        TrainingDivergedError: the loss became NaN or infinite at some step, or a
+            parameter or buffer did by the end of an epoch. The model's weights are then
+            garbage: do not save them.
     """
     if epochs < 1 or batch_size < 1:
         raise ValueError(f"epochs and batch_size must be >= 1, got {epochs} and {batch_size}")
+    if isinstance(lr, bool) or not (isinstance(lr, numbers.Real) and math.isfinite(lr) and lr > 0):
+        raise ValueError(f"lr must be a finite number > 0, got {lr!r}")
+    seed = check_seed(seed)
     if len(train_set) == 0:
         raise ValueError(f"cannot train on an empty dataset ({train_set.source})")
     device = torch.device(device)
@@ -146,6 +184,7 @@ def train(model: nn.Module, train_set: Dataset, test_set: Dataset | None = None,
     shuffle = torch.Generator().manual_seed(seed)
     result = TrainResult()
     n = len(train_set)
+    steps = math.ceil(n / batch_size)
     with _deterministic(seed):
         for epoch in range(1, epochs + 1):
             started = time.perf_counter()
@@ -154,19 +193,46 @@ def train(model: nn.Module, train_set: Dataset, test_set: Dataset | None = None,
             loss_sum, correct = 0.0, 0
             bar = tqdm(range(0, n, batch_size), desc=f"epoch {epoch}/{epochs}", unit="batch",
                        disable=not progress, leave=False)
-            for start in bar:
+            for step, start in enumerate(bar, start=1):
                 index = order[start:start + batch_size]
                 images = train_set.images[index].to(device, non_blocking=True)
                 labels = train_set.labels[index].to(device, non_blocking=True)
                 optimizer.zero_grad(set_to_none=True)
                 logits = model(images)
                 loss = loss_fn(logits, labels)
+                value = float(loss.detach())  # the one host sync per step, needed anyway
+                if not math.isfinite(value):
+                    bar.close()
+                    raise TrainingDivergedError(
+                        f"training diverged at epoch {epoch}/{epochs}, step {step}/{steps}: "
+                        f"the loss is {value}, so the model is unusable (do not save it). "
+                        f"Try a lower learning rate (lr was {lr:g}).",
+                        epoch=epoch, step=step, lr=lr)
                 loss.backward()
-                optimizer.step()
-                loss_sum += float(loss.detach()) * len(index)
+                try:
+                    optimizer.step()
+                except RuntimeError as exc:  # lr * update beyond float32: no finite weights
+                    if "overflow" not in str(exc):
+                        raise
+                    bar.close()
+                    raise TrainingDivergedError(
+                        f"training diverged at epoch {epoch}/{epochs}, step {step}/{steps}: the "
+                        f"update overflows the weights' dtype ({exc}), so the model is "
+                        f"unusable (do not save it). Try a lower learning rate (lr was {lr:g}).",
+                        epoch=epoch, step=step, lr=lr) from exc
+                loss_sum += value * len(index)
                 correct += int((logits.detach().argmax(dim=1) == labels).sum())
                 bar.set_postfix(loss=f"{loss_sum / min(start + batch_size, n):.4f}", refresh=False)
             bar.close()
+            broken = non_finite_entries(model)
+            if broken:  # the last step's update is seen by no loss: check the weights
+                shown = ", ".join(broken[:MAX_NAMED])
+                more = f" and {len(broken) - MAX_NAMED} more" if len(broken) > MAX_NAMED else ""
+                raise TrainingDivergedError(
+                    f"training diverged in epoch {epoch}/{epochs}: {shown}{more} hold NaN or "
+                    "infinite values after the epoch's last step, so the model is unusable "
+                    f"(do not save it). Try a lower learning rate (lr was {lr:g}).",
+                    epoch=epoch, step=None, lr=lr)
             result.train_loss.append(loss_sum / n)
             result.train_accuracy.append(correct / n)
             if test_set is not None:
