@@ -276,12 +276,15 @@ class GateValues:
 
 
 class PassResult(NamedTuple):
-    """What one configuration pass returns: logits (B, C), the configuration and, when
-    asked for, the gate values (else None)."""
+    """What one configuration pass returns: logits (B, C), the configuration, the gate
+    values when asked for (else None), and ``rates`` (B, C): the logits' derivative along
+    the first direction inside the configured region (``f(x + t d) = logits + t rates``
+    there)."""
 
     logits: Tensor
     configuration: Configuration
     gate_values: GateValues | None
+    rates: Tensor
 
 
 def configure(
@@ -313,7 +316,7 @@ def configure(
         {k: int(program.nodes[k].window.shape[1]) for k in run.select}, context,
     )
     gates = GateValues(run.values, run.derivatives, b) if record else None
-    return PassResult(out[:b], config, gates)
+    return PassResult(out[:b], config, gates, out[b : 2 * b])
 
 
 class _ConfigurationRun(Interpreter):

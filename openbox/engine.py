@@ -123,9 +123,9 @@ class VerificationReport:
     passed: Tensor
     rtol: float
     atol: float
-    scale_rtol: float
     dtype: torch.dtype
     n_tight: Tensor
+    scale_rtol: float = 0.0
 
     @property
     def ok(self) -> bool:
@@ -323,7 +323,7 @@ class OpenBox:
         # down 2-3x per row on batches whose activations overflow the cache
         step = max(1, BACKWARD_ROWS // self.num_classes)
         for xc in self._progress(x, progress, "explain"):
-            lg, config, _ = self.configure(xc)
+            lg, config, _, _ = self.configure(xc)
             for i in range(0, xc.shape[0], step):
                 sub = config[i : i + step]
                 with torch.no_grad():
@@ -347,7 +347,7 @@ class OpenBox:
         identically zero are dropped. The domain box, if any, is kept apart.
         """
         x = self.check_point(x)
-        _, config, gates = self.configure(x, record=True)
+        _, config, gates, _ = self.configure(x, record=True)
         with torch.no_grad():
             cons = build_constraints(self.program, config, gates, self.tol, chunk=self.chunk)
         return Polytope(
@@ -379,7 +379,7 @@ class OpenBox:
         x = self.check_input(x)
         r2, rinf = [], []
         for xc in self._progress(x, progress, "certified radius"):
-            _, config, gates = self.configure(xc, record=True)
+            _, config, gates, _ = self.configure(xc, record=True)
             with torch.no_grad():
                 a, b = certified_radius_pair(self.program, config, gates, self.tol,
                                              chunk=self.chunk)
