@@ -1,10 +1,13 @@
 """Walks of the partition of input space into linear regions.
 
-:func:`segment` follows a straight line and returns its exact linear pieces. Every walk
-builds on the engine's public API and on the row primitives of :mod:`openbox.constraints`
-(the one owner of "a gate row": orientation, slack, rows along a direction).
+:func:`segment` follows a straight line and returns its exact linear pieces;
+:func:`integrated_gradients` sums the path integral over those pieces (exact IG), also
+behind Captum's interface as :class:`ExactIntegratedGradients`. Every walk builds on
+the engine's public API and on the row primitives of :mod:`openbox.constraints` (the one
+owner of "a gate row": orientation, slack, rows along a direction).
 """
 
+from openbox.regions.integrated_gradients import ExactIntegratedGradients, integrated_gradients
 from openbox.regions.segment import Piece, segment
 
-__all__ = ["Piece", "segment"]
+__all__ = ["ExactIntegratedGradients", "Piece", "integrated_gradients", "segment"]

@@ -33,6 +33,9 @@ DEFAULT_WALKERS = 64
 """Sub-segments walked side by side by ``method="batched"``. On the demo CNN (2 cores)
 one pass over 64 points costs about as much as 5-8 passes over one."""
 
+MIDPOINT_BATCH = 256
+"""Piece midpoints evaluated per forward pass for the predicted class."""
+
 LLC_BATCH = 16
 """Pieces whose (W, b) are composed per backward call with ``with_llc=True``."""
 
@@ -105,7 +108,7 @@ def walk(
         while active.numel():
             ta = t[active]
             x = x0 + ta.to(x0.dtype).reshape(-1, *[1] * direction.dim()) * (x1 - x0)
-            logits, config, gates, rates = configure(
+            _, config, gates, _ = configure(
                 ob.program, x, directions, ob.tol, record=True, context=ob.key_context
             )
             dt = step_along(ob.program, config, gates, ob.tol)
@@ -114,8 +117,6 @@ def walk(
             if bool(stuck.any()):
                 nudge = ta + ta.abs().clamp_min(1.0) * eps * 16
                 t_next = torch.where(stuck, torch.minimum(end[active], nudge), t_next)
-            half = (0.5 * (t_next - ta)).to(logits.dtype).unsqueeze(1)
-            pred = (logits + half * rates).argmax(dim=1).tolist()
             keys = config.region_keys()
             if on_step is not None:
                 on_step(active, config, ta, t_next)
@@ -124,7 +125,7 @@ def walk(
                 if run and run[-1].region_key == keys[j]:
                     run[-1] = run[-1]._replace(t_end=float(t_next[j]))
                 else:
-                    run.append(Piece(float(ta[j]), float(t_next[j]), keys[j], pred[j]))
+                    run.append(Piece(float(ta[j]), float(t_next[j]), keys[j], -1))
                     total += 1
                     if keep_configurations:
                         confs[w].append(config[j])
@@ -144,7 +145,20 @@ def walk(
             pieces.append(p)
             if keep_configurations:
                 kept.append(confs[w][i])
-    return pieces, (kept if keep_configurations else None)
+    return _predict_midpoints(ob, x0, x1, pieces), (kept if keep_configurations else None)
+
+
+def _predict_midpoints(ob, x0: Tensor, x1: Tensor, pieces: list[Piece]) -> list[Piece]:
+    """Each piece with the program's predicted class at its midpoint (batched forwards,
+    after merging, so that every walk reports the same classes)."""
+    mids = torch.tensor([0.5 * (p.t_start + p.t_end) for p in pieces], dtype=x0.dtype,
+                        device=x0.device)
+    preds: list[int] = []
+    with torch.no_grad():
+        for i in range(0, len(pieces), MIDPOINT_BATCH):
+            t = mids[i : i + MIDPOINT_BATCH].reshape(-1, *[1] * (x0.dim() - 1))
+            preds += ob.program(x0 + t * (x1 - x0)).argmax(dim=1).tolist()
+    return [p._replace(prediction=c) for p, c in zip(pieces, preds)]
 
 
 def segment(

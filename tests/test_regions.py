@@ -1,0 +1,165 @@
+"""openbox.regions: the batched segment walk and exact integrated gradients.
+
+References: the sequential walk, dense sampling of region keys along the segment, the
+model's own forward (completeness), Captum's Riemann IG, and a linear network's
+closed form.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+from _models import random_cnn, random_mlp, resnet_like
+from torch import nn
+
+import openbox
+from openbox.regions import ExactIntegratedGradients, integrated_gradients, segment
+
+F64 = torch.float64
+
+
+def small_cnn(seed, pool="max"):
+    return random_cnn(seed, channels=(3, 4), input_shape=(1, 12, 12), pool=pool)
+
+
+CASES = [
+    ("cnn-max", lambda s: small_cnn(s), (1, 12, 12)),
+    ("cnn-avg", lambda s: small_cnn(s, "avg"), (1, 12, 12)),
+    ("resnet", lambda s: resnet_like(s), (2, 10, 10)),
+    ("mlp", lambda s: random_mlp(s, (6, 10, 8, 4)), (6,)),
+]
+
+
+def _images(shape, seed, n=2, zeros=True):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.rand((n, *shape), generator=g, dtype=F64)
+    if zeros and len(shape) == 3:  # a shared zero background: ties along the whole segment
+        x[:, :, :3, :] = 0.0
+    return x
+
+
+@pytest.mark.parametrize("name, build, shape", CASES, ids=[c[0] for c in CASES])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_batched_walk_equals_sequential_walk(name, build, shape, seed):
+    ob = openbox.OpenBox(build(seed), shape)
+    x = _images(shape, seed)
+    seq = segment(ob, x[0], x[1], method="sequential", progress=False)
+    for walkers in (3, 16):
+        bat = segment(ob, x[0], x[1], walkers=walkers, progress=False)
+        assert [p.region_key for p in bat] == [p.region_key for p in seq]
+        assert [p.prediction for p in bat] == [p.prediction for p in seq]
+        np.testing.assert_allclose([p.t_end for p in bat], [p.t_end for p in seq],
+                                   rtol=0, atol=1e-12)
+    assert len(seq) >= 3
+
+
+@pytest.mark.parametrize("name, build, shape", CASES[:3], ids=[c[0] for c in CASES[:3]])
+def test_dense_sampling_finds_exactly_the_reported_pieces(name, build, shape):
+    ob = openbox.OpenBox(build(3), shape)
+    x = _images(shape, 3, zeros=False)
+    pieces = segment(ob, x[0], x[1], progress=False)
+    ts = torch.linspace(0, 1, 3001, dtype=F64)
+    keys = ob.region_key(x[0] + ts.reshape(-1, *[1] * len(shape)) * (x[1] - x[0]))
+    starts = np.array([p.t_start for p in pieces])
+    seen = set()
+    for t, k in zip(ts.tolist(), keys):
+        p = pieces[int(np.searchsorted(starts, t, side="right")) - 1]
+        if p.t_start + 1e-9 < t < p.t_end - 1e-9:
+            assert k == p.region_key, f"t={t}: sampled key differs from its piece's"
+            seen.add(k)
+    # every piece long enough to hold a sample was seen, and no sample found another key
+    long = {p.region_key for p in pieces if p.t_end - p.t_start > 2 / 3000}
+    assert long <= seen
+
+
+def test_with_llc_attaches_each_pieces_exact_classifier():
+    model = small_cnn(4)
+    ob = openbox.OpenBox(model, (1, 12, 12))
+    x = _images((1, 12, 12), 4, zeros=False)
+    pieces = segment(ob, x[0], x[1], with_llc=True, progress=False)
+    ref = copy.deepcopy(model).double()
+    for p in pieces[:: max(1, len(pieces) // 10)]:
+        t = 0.5 * (p.t_start + p.t_end)
+        xt = x[0] + t * (x[1] - x[0])
+        with torch.no_grad():
+            want = ref(xt[None])[0]
+        got = (p.weight.flatten(1) @ xt.flatten()) + p.bias
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+
+
+def test_segment_bad_input():
+    ob = openbox.OpenBox(random_mlp(1, (4, 6, 3)), (4,))
+    z = torch.zeros(4, dtype=F64)
+    with pytest.raises(ValueError, match="same point"):
+        segment(ob, z, z, progress=False)
+    with pytest.raises(ValueError, match="method must be"):
+        segment(ob, z, z + 1, method="fast", progress=False)
+    with pytest.raises(ValueError, match="walkers must be"):
+        segment(ob, z, z + 1, walkers=0, progress=False)
+
+
+# --------------------------------------------------------------------------- exact IG
+
+
+@pytest.mark.parametrize("name, build, shape", CASES, ids=[c[0] for c in CASES])
+def test_exact_ig_is_complete(name, build, shape):
+    model = build(5)
+    ob = openbox.OpenBox(model, shape)
+    x = _images(shape, 5, n=3)
+    base = _images(shape, 6, n=3) * 0.1
+    target = torch.tensor([0, 1, 2])
+    attr, pieces = integrated_gradients(ob, x, base, target, return_pieces=True,
+                                        progress=False)
+    assert attr.shape == x.shape and bool((pieces > 1).all())
+    ref = copy.deepcopy(model).double()
+    with torch.no_grad():
+        gap = ref(x)[torch.arange(3), target] - ref(base)[torch.arange(3), target]
+    torch.testing.assert_close(attr.flatten(1).sum(1), gap, rtol=0, atol=1e-10)
+
+
+def test_exact_ig_on_a_network_linear_along_the_path_is_saliency_times_difference():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 3), nn.ReLU(), nn.Linear(3, 2)).double().eval()
+    with torch.no_grad():
+        model[0].bias.fill_(10.0)  # every ReLU on for inputs in [0, 1]: linear on the path
+    ob = openbox.OpenBox(model, (5,))
+    x = torch.rand((2, 5), generator=torch.Generator().manual_seed(1), dtype=F64)
+    attr = integrated_gradients(ob, x, None, 1, progress=False)
+    xg = x.clone().requires_grad_(True)
+    (grad,) = torch.autograd.grad(model(xg)[:, 1].sum(), xg)
+    torch.testing.assert_close(attr, grad * x, rtol=1e-12, atol=1e-14)
+
+
+def test_captum_ig_approaches_exact_ig_as_steps_grow():
+    captum = pytest.importorskip("captum.attr")
+    model = random_mlp(7, (6, 12, 10, 3), batch_norm=False)
+    ob = openbox.OpenBox(model, (6,))
+    x = torch.rand((2, 6), generator=torch.Generator().manual_seed(2), dtype=F64) * 3
+    exact = integrated_gradients(ob, x, None, 2, progress=False)
+    ig = captum.IntegratedGradients(copy.deepcopy(model).double())
+    errors = []
+    for steps in (50, 1000, 20000):
+        approx = ig.attribute(x, target=2, n_steps=steps, method="riemann_trapezoid",
+                              internal_batch_size=5000)
+        errors.append(float((approx - exact).abs().max() / exact.abs().max()))
+    assert errors[0] > errors[1] > errors[2], errors
+    assert errors[2] < 1e-4
+
+
+def test_captum_style_interface_and_convergence_delta():
+    model = small_cnn(8)
+    x = _images((1, 12, 12), 8, n=2)
+    ig = ExactIntegratedGradients(model, input_shape=(1, 12, 12))
+    attr, delta = ig.attribute(x, baselines=0.0, target=torch.tensor([1, 3]),
+                               return_convergence_delta=True)
+    assert attr.shape == x.shape and delta.shape == (2,)
+    assert float(delta.abs().max()) <= 1e-10
+    again = ig.attribute(x, target=torch.tensor([1, 3]))
+    torch.testing.assert_close(again, attr, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="target must lie"):
+        ig.attribute(x, target=99)
+    with pytest.raises(TypeError, match="nn.Module or an OpenBox"):
+        ExactIntegratedGradients("model")
