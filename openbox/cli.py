@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import re
 import sys
@@ -273,8 +274,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         kwargs["batch_norm"] = False
     # every argument is checked before the data are read and long before training
     out = _check_out_file(args.out, "--out")
-    if args.epochs < 1 or args.batch_size < 1 or not args.lr > 0:
-        raise UsageError("--epochs and --batch-size must be >= 1 and --lr > 0, got "
+    if args.epochs < 1 or args.batch_size < 1 or not (args.lr > 0 and math.isfinite(args.lr)):
+        raise UsageError("--epochs and --batch-size must be >= 1 and --lr finite and > 0, got "
                          f"{args.epochs}, {args.batch_size} and {args.lr}")
     device = _train_device(args.device)
     try:

@@ -440,6 +440,8 @@ def test_usage_errors_in_process(capsys, tmp_path, monkeypatch, no_work):
                                              "available here: cpu"]),
     (["--out", "x.pt", "--device", "nonsense"], ["--device 'nonsense' is not a torch device"]),
     (["--out", "x.pt", "--epochs", "0"], ["--epochs and --batch-size must be >= 1"]),
+    (["--out", "x.pt", "--lr", "inf"], ["--lr finite and > 0", "inf"]),
+    (["--out", "x.pt", "--lr", "nan"], ["--lr finite and > 0"]),
 ])
 def test_train_arguments_are_checked_before_training(tmp_path, monkeypatch, capsys, no_work,
                                                      args, needles):

@@ -37,10 +37,14 @@ from openbox.fmnist.data import (
 )
 
 REPO = Path(__file__).resolve().parents[1]
-OFFLINE_DIR = REPO.parent / "shared" / "datasets" / "fashion-mnist"
+# the full data: $OPENBOX_DATA_DIR if set (as CI and users set it), else ../shared beside
+# the clone
+OFFLINE_DIR = Path(os.environ.get(DATA_DIR_ENV) or REPO.parent / "shared" / "datasets"
+                   / "fashion-mnist")
 needs_offline = pytest.mark.skipif(
     not all((OFFLINE_DIR / name).is_file() for pair in SPLITS.values() for name in pair),
-    reason=f"offline Fashion-MNIST copy not found at {OFFLINE_DIR} (CI has it at ../shared)",
+    reason=f"full Fashion-MNIST not found at {OFFLINE_DIR} (set {DATA_DIR_ENV}; CI has it at "
+    "../shared)",
 )
 
 
