@@ -104,6 +104,17 @@ def _relu_sign(config: Configuration, k: int, z: Tensor) -> Tensor:
     return torch.where(config.on[k].reshape(z.shape), 1.0, -1.0).to(z.dtype)
 
 
+def _relu_slack(sign: Tensor, z: Tensor, tol: Tolerances) -> Tensor:
+    """Slack ``sign z`` of ReLU rows, exactly 0 where z is tied at the kink."""
+    return torch.where(tol.relu_tied(z), torch.zeros_like(z), sign * z)
+
+
+def _pool_slack(zi: Tensor, zj: Tensor, tol: Tolerances) -> Tensor:
+    """Slack ``z_j - z_i`` of the max-pool row "entry i <= selected entry j", exactly 0
+    where the two tie."""
+    return torch.where(tol.pool_tied(zi, zj), torch.zeros_like(zj), zj - zi)
+
+
 def _plan(
     program: Program,
     config: Configuration,
@@ -126,7 +137,7 @@ def _plan(
         z = gates.values[k].reshape(config.batch_size, -1)
         if isinstance(node, ReLU):
             sign = _relu_sign(config, k, z)
-            slack = torch.where(tol.relu_tied(z), torch.zeros_like(z), sign * z)
+            slack = _relu_slack(sign, z, tol)
             unit = torch.arange(z.shape[1], device=z.device)
             if support is not None:
                 unit = support[k][0].nonzero().flatten()
@@ -150,7 +161,7 @@ def _plan(
             per_window = int(counts[0]) if uniform and counts.numel() and counts[0] > 0 else None
             zj = z.gather(1, partner)
             zi = z.gather(1, unit)
-            slack = torch.where(tol.pool_tied(zi, zj), torch.zeros_like(zj), zj - zi)
+            slack = _pool_slack(zi, zj, tol)
             plans.append(_GateRows(k, start, start + unit.shape[1], unit, partner, None, slack,
                                    window_of, per_window))
         start = plans[-1].stop
@@ -377,10 +388,12 @@ def rows_along(
 ) -> list[tuple[int, Tensor, Tensor]]:
     """Every gate row of each input's region restricted to the line ``x + t u``.
 
-    ``u`` is the direction ``gates`` was computed along (the pass's tie-break direction),
-    so inside the region each row's slack is affine in t: ``slack + t * rate``. Rows are
-    oriented as in :func:`build_constraints` (slack >= 0 inside), all rows of the layout
-    (zero rows included: their rate is 0).
+    ``u`` is the direction ``gates`` was computed along (the pass's first direction), so
+    inside the region each row's slack is affine in t: ``slack + t * rate``. Rows are
+    oriented as in :func:`build_constraints` (slack >= 0 inside). Laid out by window:
+    a max-pool gate gives (B, n_out * K) rows, one per window position, the selected
+    position itself and padding included (slack 0 and rate 0 there; padding +inf), so no
+    row index is built; a ReLU gate one row per unit.
 
     A tied row (slack 0) whose two sides the configuration pass found equal along u (a
     constant ReLU input, or max-pool entries with the same derivative, to the
@@ -391,17 +404,24 @@ def rows_along(
         [(gate node k, slack (B, m_k), rate (B, m_k))] in gate order.
     """
     out = []
-    for p in _plan(program, config, gates, tol):
-        dz = gates.derivatives[p.k].reshape(config.batch_size, -1)
-        if p.sign is not None:
-            rate = p.sign * dz
+    b = config.batch_size
+    for k in program.gates:
+        node = program.nodes[k]
+        z = gates.values[k].reshape(b, -1)
+        dz = gates.derivatives[k].reshape(b, -1)
+        if isinstance(node, ReLU):
+            sign = _relu_sign(config, k, z)
+            slack, rate = _relu_slack(sign, z, tol), sign * dz
             flat = ~tol.relu_moving(dz)
         else:
-            dj, di = dz.gather(1, p.partner), dz.gather(1, p.unit)
-            rate = dj - di
-            flat = tol.same_slope(di, dj) & tol.same_slope(dj, di)
-        rate = torch.where((p.slack == 0) & flat, torch.zeros_like(rate), rate)
-        out.append((p.k, p.slack, rate))
+            zi, di = node.gather(z), node.gather(dz, fill=0.0)  # (B, n_out, K)
+            sel = config.select[k].unsqueeze(2)
+            zj, dj = zi.gather(2, sel), di.gather(2, sel)
+            slack = _pool_slack(zi, zj, tol).flatten(1)  # padding: +inf, never falls
+            rate = (dj - di).flatten(1)
+            flat = (tol.same_slope(di, dj) & tol.same_slope(dj, di)).flatten(1)
+        rate = torch.where((slack == 0) & flat, torch.zeros_like(rate), rate)
+        out.append((k, slack, rate))
     return out
 
 

@@ -1,0 +1,110 @@
+"""Benchmark the region walks, measured side by side in one run (the machine is noisy: read
+the ratios).
+
+1. segment: pieces/s of the batched walk against the sequential walk on the same pairs of
+   test images (and that both give the same pieces).
+2. exact integrated gradients against Captum's IntegratedGradients: Captum's max relative
+   error against the exact attribution and its time at 50, 200, 1,000 and 4,000 steps
+   (riemann_trapezoid and gausslegendre), and the exact IG's time.
+
+    python experiments/bench_regions.py [--checkpoint CKPT] [--data DIR] [--pairs 3]
+
+Without a checkpoint the packaged demo CNN (8/16 channels) is used; pass a 16/32-channel
+reference CNN checkpoint (``openbox train --model cnn``) for the issue's setting.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+
+import torch
+
+import openbox
+from openbox.fmnist import INPUT_SHAPE, load_checkpoint, load_demo_model, load_fashion_mnist
+from openbox.fmnist.data import load_sample
+
+
+def timed(fn, repeats=1):
+    best, out = float("inf"), None
+    for _ in range(repeats):
+        t = time.perf_counter()
+        out = fn()
+        best = min(best, time.perf_counter() - t)
+    return best, out
+
+
+def segment_section(ob, images, pairs, walkers):
+    print("1. segment between test images i and i+1")
+    ratios = []
+    for i in range(pairs):
+        x0, x1 = images[2 * i], images[2 * i + 1]
+        t_seq, seq = timed(lambda x0=x0, x1=x1: openbox.regions.segment(
+            ob, x0, x1, method="sequential", progress=False))
+        t_bat, bat = timed(lambda x0=x0, x1=x1: openbox.regions.segment(
+            ob, x0, x1, walkers=walkers, progress=False))
+        same = [p.region_key for p in seq] == [p.region_key for p in bat]
+        gap = max(abs(a.t_end - b.t_end) for a, b in zip(seq, bat)) if same else float("nan")
+        ratios.append(t_seq / t_bat)
+        print(f"  pair {i}: {len(seq)} pieces; sequential {len(seq) / t_seq:7.0f} pieces/s, "
+              f"batched ({walkers} walkers) {len(bat) / t_bat:7.0f} pieces/s, ratio "
+              f"{t_seq / t_bat:5.1f}x; same keys {same}, max breakpoint gap {gap:.1e}")
+    print(f"  ratio batched / sequential: min {min(ratios):.1f}x, median "
+          f"{statistics.median(ratios):.1f}x (target >= 7x)")
+
+
+def ig_section(ob, model, x, steps_list):
+    from captum.attr import IntegratedGradients
+
+    print("2. integrated gradients of one test image, zero baseline, predicted class")
+    with torch.no_grad():
+        target = int(ob.program(x.to(ob.dtype)).argmax())
+    t_exact, (exact, pieces) = timed(lambda: openbox.regions.integrated_gradients(
+        ob, x, None, target, progress=False, return_pieces=True))
+    ref = model.double()
+    with torch.no_grad():
+        gap = float(ref(x.double())[0, target] - ref(torch.zeros_like(x).double())[0, target])
+    print(f"  exact IG: {int(pieces[0])} pieces, {t_exact:.2f} s, completeness error "
+          f"{abs(float(exact.sum()) - gap):.1e}")
+    ig = IntegratedGradients(ref)
+    scale = float(exact.abs().max())
+    rows = []
+    for method in ("riemann_trapezoid", "gausslegendre"):
+        for steps in steps_list:
+            t, approx = timed(lambda s=steps, m=method: ig.attribute(
+                x.double(), target=target, n_steps=s, method=m, internal_batch_size=500))
+            err = float((approx - exact).abs().max()) / scale
+            rows.append((method, steps, err, t))
+            print(f"  captum {method:17s} {steps:5d} steps: max rel error {err:.1e}, "
+                  f"{t:6.2f} s ({t / t_exact:5.2f}x the exact IG's time)")
+    return rows
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--checkpoint", default=None, help="default: the packaged demo CNN")
+    ap.add_argument("--data", default=None, help="Fashion-MNIST folder (default: the sample)")
+    ap.add_argument("--pairs", type=int, default=3)
+    ap.add_argument("--walkers", type=int, default=openbox.regions.segment.__kwdefaults__[
+        "walkers"])
+    ap.add_argument("--steps", type=int, nargs="+", default=[50, 200, 1000, 4000])
+    ap.add_argument("--threads", type=int, default=torch.get_num_threads())
+    ap.add_argument("--skip-ig", action="store_true")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    model, info = load_checkpoint(args.checkpoint) if args.checkpoint else load_demo_model()
+    images = (load_fashion_mnist("test", args.data).images if args.data
+              else load_sample().images)
+    ob = openbox.OpenBox(model, INPUT_SHAPE, dtype=torch.float64, domain=(0.0, 1.0))
+    print(f"{info.arch} {info.arch_kwargs}, float64, {args.threads} threads, "
+          f"torch {torch.__version__}")
+    segment_section(ob, images, args.pairs, args.walkers)
+    if not args.skip_ig:
+        ig_section(ob, model, images[:1], args.steps)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
