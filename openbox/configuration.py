@@ -260,19 +260,23 @@ class GateValues:
 
     Attributes:
         values: gate node index -> (B, *in_shape) the gate input z at x.
-        derivatives: gate node index -> (B, *in_shape) dz along the direction.
+        derivatives: gate node index -> (B, *in_shape) dz along the (first) direction.
+        batch_size: B.
+        derivatives2: the same along the second direction of a lexicographic pass, else
+            None.
     """
 
     values: dict[int, Tensor]
     derivatives: dict[int, Tensor]
     batch_size: int
+    derivatives2: dict[int, Tensor] | None = None
 
     def __getitem__(self, index) -> GateValues:
         """Sub-batch, as :meth:`Configuration.__getitem__`."""
         index = batch_index(index, self.batch_size)
-        values = {k: v[index] for k, v in self.values.items()}
         n = len(range(self.batch_size)[index]) if isinstance(index, slice) else len(index)
-        return GateValues(values, {k: v[index] for k, v in self.derivatives.items()}, n)
+        pick = lambda d: None if d is None else {k: v[index] for k, v in d.items()}  # noqa: E731
+        return GateValues(pick(self.values), pick(self.derivatives), n, pick(self.derivatives2))
 
 
 class PassResult(NamedTuple):
@@ -301,11 +305,21 @@ def configure(
 
     ``direction`` is (*input_shape), or (D, *input_shape) for a *lexicographic* tie-break:
     the configuration at ``x + t1 d1 + t2 d2 + ...`` for ``t1 >> t2 >> ... > 0`` (a walk
-    along d1 that breaks ties it cannot decide along the generic d2). One forward pass of
-    (D + 1) B rows; ``gate_values.derivatives`` are those along the first direction.
+    along d1 that breaks ties it cannot decide along the generic d2), or (D, B,
+    *input_shape) for directions of each input's own. One forward pass of (D + 1) B rows;
+    ``gate_values.derivatives`` are those along the first direction, ``derivatives2``
+    along the second (when D >= 2).
     """
-    dirs = direction.reshape(-1, *x.shape[1:]) if direction.dim() > x.dim() - 1 else \
-        direction.unsqueeze(0)
+    shape = tuple(x.shape[1:])
+    if tuple(direction.shape) == shape:
+        dirs = direction.unsqueeze(0)
+    elif direction.dim() == len(shape) + 1 and tuple(direction.shape[1:]) == shape:
+        dirs = direction
+    elif direction.dim() == len(shape) + 2 and tuple(direction.shape[1:]) == tuple(x.shape):
+        dirs = direction  # (D, B, *input_shape): directions of their own per input
+    else:
+        raise ValueError(f"direction must be {shape}, (D, *{shape}) or (D, B, *{shape}); got "
+                         f"{tuple(direction.shape)}")
     b, n_dir = x.shape[0], dirs.shape[0]
     run = _ConfigurationRun(program, tol, record, b, n_dir, x.device)
     stacked = torch.cat([x, *(d.expand_as(x) for d in dirs)])
@@ -315,7 +329,8 @@ def configure(
         run.on, run.select, run.index, run.n_relu, run.n_pool,
         {k: int(program.nodes[k].window.shape[1]) for k in run.select}, context,
     )
-    gates = GateValues(run.values, run.derivatives, b) if record else None
+    gates = GateValues(run.values, run.derivatives, b, run.derivatives2 if n_dir > 1 else None) \
+        if record else None
     return PassResult(out[:b], config, gates, out[b : 2 * b])
 
 
@@ -335,6 +350,7 @@ class _ConfigurationRun(Interpreter):
         self.n_dir = n_dir
         self.values: dict[int, Tensor] = {}
         self.derivatives: dict[int, Tensor] = {}
+        self.derivatives2: dict[int, Tensor] = {}
         self.on: dict[int, Tensor] = {}
         self.select: dict[int, Tensor] = {}
         self.index: dict[int, Tensor] = {}
@@ -353,6 +369,8 @@ class _ConfigurationRun(Interpreter):
         dz = x[b:].reshape(self.n_dir, b, *x.shape[1:])
         if self.record:
             self.values[k], self.derivatives[k] = z, dz[0]
+            if self.n_dir > 1:
+                self.derivatives2[k] = dz[1]
         on = z > 0
         tied = self.tol.relu_tied(z)
         if bool(tied.any()):
@@ -382,6 +400,8 @@ class _ConfigurationRun(Interpreter):
         b = self.b
         if self.record:
             self.values[k], self.derivatives[k] = x[:b], x[b : 2 * b]
+            if self.n_dir > 1:
+                self.derivatives2[k] = x[2 * b : 3 * b]
         entries = node.gather(x)  # ((D+1)B, n_out, K), padding -inf
         v = entries[:b]
         dv = entries[b:].view(self.n_dir, b, *entries.shape[1:])

@@ -25,8 +25,9 @@ cancellation); tied rows (x on the facet) get slack exactly 0.
 
 This module is the one owner of "a gate row": which rows a configuration has, their
 orientation, their slack, the rows restricted to a line (:func:`rows_along`,
-:func:`step_along`), the full rows (:func:`build_constraints`) and the radii they give
-(:func:`certified_radius_pair`). Region walks use these; none re-derives them.
+:func:`step_along`) or a plane (:func:`rows_in_plane`), the full rows
+(:func:`build_constraints`) and the radii they give (:func:`certified_radius_pair`).
+Region walks use these; none re-derives them.
 """
 
 from __future__ import annotations
@@ -383,6 +384,35 @@ def certified_radius_pair(
     return RadiusPair(r2, rinf)
 
 
+def _oriented_rows(program: Program, config: Configuration, gates: GateValues,
+                   tol: Tolerances, derivatives: list[dict[int, Tensor]]):
+    """Per gate: (k, slack (B, m_k), [rate (B, m_k) per derivative set], [flat (B, m_k) per
+    set]) laid out as :func:`rows_along` says; ``flat`` marks rows whose two sides the
+    pass would call equal along that direction (same-function tolerance)."""
+    b = config.batch_size
+    for k in program.gates:
+        node = program.nodes[k]
+        z = gates.values[k].reshape(b, -1)
+        rates, flats = [], []
+        if isinstance(node, ReLU):
+            sign = _relu_sign(config, k, z)
+            slack = _relu_slack(sign, z, tol)
+            for der in derivatives:
+                dz = der[k].reshape(b, -1)
+                rates.append(sign * dz)
+                flats.append(~tol.relu_moving(dz))
+        else:
+            zi = node.gather(z)  # (B, n_out, K)
+            sel = config.select[k].unsqueeze(2)
+            slack = _pool_slack(zi, zi.gather(2, sel), tol).flatten(1)  # padding: +inf
+            for der in derivatives:
+                di = node.gather(der[k].reshape(b, -1), fill=0.0)
+                dj = di.gather(2, sel)
+                rates.append((dj - di).flatten(1))
+                flats.append((tol.same_slope(di, dj) & tol.same_slope(dj, di)).flatten(1))
+        yield k, slack, rates, flats
+
+
 def rows_along(
     program: Program, config: Configuration, gates: GateValues, tol: Tolerances
 ) -> list[tuple[int, Tensor, Tensor]]:
@@ -404,24 +434,32 @@ def rows_along(
         [(gate node k, slack (B, m_k), rate (B, m_k))] in gate order.
     """
     out = []
-    b = config.batch_size
-    for k in program.gates:
-        node = program.nodes[k]
-        z = gates.values[k].reshape(b, -1)
-        dz = gates.derivatives[k].reshape(b, -1)
-        if isinstance(node, ReLU):
-            sign = _relu_sign(config, k, z)
-            slack, rate = _relu_slack(sign, z, tol), sign * dz
-            flat = ~tol.relu_moving(dz)
-        else:
-            zi, di = node.gather(z), node.gather(dz, fill=0.0)  # (B, n_out, K)
-            sel = config.select[k].unsqueeze(2)
-            zj, dj = zi.gather(2, sel), di.gather(2, sel)
-            slack = _pool_slack(zi, zj, tol).flatten(1)  # padding: +inf, never falls
-            rate = (dj - di).flatten(1)
-            flat = (tol.same_slope(di, dj) & tol.same_slope(dj, di)).flatten(1)
-        rate = torch.where((slack == 0) & flat, torch.zeros_like(rate), rate)
-        out.append((k, slack, rate))
+    for k, slack, (rate,), (flat,) in _oriented_rows(program, config, gates, tol,
+                                                     [gates.derivatives]):
+        out.append((k, slack, torch.where((slack == 0) & flat, torch.zeros_like(rate), rate)))
+    return out
+
+
+def rows_in_plane(
+    program: Program, config: Configuration, gates: GateValues, tol: Tolerances
+) -> list[tuple[int, Tensor, Tensor, Tensor]]:
+    """Every gate row of each input's region restricted to the plane ``x + s d1 + t d2``,
+    d1 and d2 the first two directions of the pass that made ``gates`` (it must have been
+    run with D >= 2): inside the region, ``slack + s * rate1 + t * rate2 >= 0``. Layout
+    and orientation as :func:`rows_along`; a tied row flat along both directions (a tie
+    that persists over the whole plane) gets both rates exactly 0.
+
+    Returns:
+        [(gate node k, slack (B, m_k), rate1 (B, m_k), rate2 (B, m_k))] in gate order.
+    """
+    if gates.derivatives2 is None:
+        raise ValueError("rows_in_plane needs gate values of a pass with two directions")
+    out = []
+    for k, slack, (r1, r2), (f1, f2) in _oriented_rows(
+            program, config, gates, tol, [gates.derivatives, gates.derivatives2]):
+        both = (slack == 0) & f1 & f2
+        zero = torch.zeros_like(r1)
+        out.append((k, slack, torch.where(both, zero, r1), torch.where(both, zero, r2)))
     return out
 
 
