@@ -1,0 +1,153 @@
+"""openbox.regions.plane: exact 2-D slices of the partition.
+
+References: the model's own forward and openbox's region keys at sampled points, a
+brute-force grid on a network with a 2-D input, and plain geometry (areas, overlaps).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import networkx as nx
+import numpy as np
+import pytest
+import torch
+from _models import random_cnn, random_mlp
+
+import openbox
+from openbox.regions.plane import plane
+
+F64 = torch.float64
+
+
+def _points(pm, n, seed):
+    a0, a1, b0, b1 = pm.extent
+    g = np.random.default_rng(seed)
+    return np.c_[g.uniform(a0, a1, n), g.uniform(b0, b1, n)]
+
+
+def _check_tiling(pm, pts):
+    total = sum(p.area for p in pm.polygons)
+    area = (pm.extent[1] - pm.extent[0]) * (pm.extent[3] - pm.extent[2])
+    assert pm.complete
+    assert total == pytest.approx(area, rel=1e-9)
+    strict = np.array([[bool(p.contains(q[None], tol=-1e-7)[0]) for p in pm.polygons]
+                       for q in pts])
+    loose = np.array([[bool(p.contains(q[None], tol=1e-9)[0]) for p in pm.polygons]
+                      for q in pts])
+    assert strict.sum(1).max() <= 1, "two polygons overlap"
+    assert loose.sum(1).min() >= 1, "a point lies in no polygon"
+
+
+def test_two_dimensional_input_matches_a_brute_force_grid():
+    model = random_mlp(0, (2, 10, 10, 3))
+    ob = openbox.OpenBox(model, (2,))
+    pm = plane(ob, torch.zeros(2, dtype=F64), torch.tensor([1.0, 0.0]),
+               torch.tensor([0.0, 1.0]), (-3, 3, -2, 2.5), progress=False)
+    assert len(pm) > 20
+    grid = np.stack(np.meshgrid(np.linspace(-2.99, 2.99, 61), np.linspace(-1.99, 2.49, 47)),
+                    -1).reshape(-1, 2)
+    _check_tiling(pm, _points(pm, 300, 1))
+    where = pm.locate(grid)
+    assert (where >= 0).all()
+    keys = ob.region_key(torch.tensor(grid, dtype=F64))
+    ref = copy.deepcopy(model).double()
+    with torch.no_grad():
+        want = ref(torch.tensor(grid, dtype=F64)).numpy()
+    for q, i, k, w in zip(grid, where, keys, want):
+        poly = pm.polygons[i]
+        strict = poly.contains(q[None], tol=-1e-9)[0]
+        if strict:  # off every edge: the key is the polygon's
+            assert k == poly.region_key
+        np.testing.assert_allclose(poly.logits(q)[0], w, rtol=1e-9, atol=1e-9)
+    assert {p.region_key for p in pm.polygons} >= set(keys)
+
+
+def test_cnn_slice_keys_llc_and_graph():
+    model = random_cnn(3, channels=(3, 4), input_shape=(1, 12, 12))
+    ob = openbox.OpenBox(model, (1, 12, 12))
+    g = torch.Generator().manual_seed(4)
+    x0, x1, x2 = torch.rand((3, 1, 12, 12), generator=g, dtype=F64)
+    pm = plane(ob, x0, x1 - x0, x2 - x0, (-0.05, 0.05, -0.05, 0.05), progress=False)
+    assert len(pm) > 10
+    pts = _points(pm, 200, 2)
+    _check_tiling(pm, pts)
+    where = pm.locate(pts)
+    xs = x0 + torch.tensor(pts[:, :1, None, None]) * (x1 - x0) + torch.tensor(
+        pts[:, 1:, None, None]) * (x2 - x0)
+    keys = ob.region_key(xs)
+    ref = copy.deepcopy(model).double()
+    with torch.no_grad():
+        want = ref(xs).numpy()
+    for q, i, k, w in zip(pts, where, keys, want):
+        assert k == pm.polygons[i].region_key
+        np.testing.assert_allclose(pm.polygons[i].logits(q)[0], w, rtol=1e-9, atol=1e-9)
+    assert nx.is_connected(pm.graph)
+    agree, total = 0, 0
+    for i, j, data in pm.graph.edges(data=True):
+        seg = data["segment"]
+        mid = seg.mean(0)
+        assert pm.polygons[i].contains(mid[None])[0] and pm.polygons[j].contains(mid[None])[0]
+        d = seg[1] - seg[0]
+        n = np.array([d[1], -d[0]]) / np.linalg.norm(d)
+        side = [mid + s * 1e-7 * n for s in (1, -1)]
+        xs2 = torch.stack([x0 + a * (x1 - x0) + b * (x2 - x0) for a, b in side])
+        with torch.no_grad():
+            classes = ref(xs2).argmax(1)
+        agree += data["decision_boundary"] == bool(classes[0] != classes[1])
+        total += 1
+    assert agree == total, f"decision-boundary flags agree with the model on {agree}/{total}"
+    for p in pm.polygons:  # counter-clockwise, convex
+        v = p.vertices
+        e = np.roll(v, -1, 0) - v
+        assert (e[:, 0] * np.roll(e, -1, 0)[:, 1] - e[:, 1] * np.roll(e, -1, 0)[:, 0]
+                >= -1e-15).all()
+
+
+def test_domain_clips_the_extent():
+    model = random_mlp(5, (6, 10, 8, 3))
+    ob = openbox.OpenBox(model, (6,), domain=(0.0, 1.0))
+    g = torch.Generator().manual_seed(6)
+    x0 = 0.2 + 0.6 * torch.rand(6, generator=g, dtype=F64)
+    u, v = torch.randn((2, 6), generator=g, dtype=F64)
+    pm = plane(ob, x0, u, v, (-1, 1, -1, 1), progress=False)
+    total = sum(p.area for p in pm.polygons)
+    from openbox.regions.plane import _area
+
+    assert total == pytest.approx(_area(pm.domain_polygon), rel=1e-9)
+    assert _area(pm.domain_polygon) < 4.0
+    for p in pm.polygons:
+        for a, b in p.vertices:
+            x = x0 + a * u + b * v
+            assert float(x.min()) >= -1e-9 and float(x.max()) <= 1 + 1e-9
+
+
+def test_plot_draws_regions_and_boundaries(tmp_path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    model = random_mlp(7, (2, 8, 3))
+    ob = openbox.OpenBox(model, (2,))
+    pm = plane(ob, torch.zeros(2, dtype=F64), torch.tensor([1.0, 0.0]),
+               torch.tensor([0.0, 1.0]), (-2, 2, -2, 2), progress=False)
+    ax = pm.plot()
+    assert f"{len(pm)} linear regions" in ax.get_title()
+    assert len(ax.collections) == 3 and ax.get_xlabel().startswith("a")
+    ax.figure.savefig(tmp_path / "plane.png")
+    assert (tmp_path / "plane.png").stat().st_size > 1000
+
+
+def test_plane_bad_input():
+    ob = openbox.OpenBox(random_mlp(8, (3, 6, 2)), (3,))
+    x = torch.zeros(3, dtype=F64)
+    u = torch.tensor([1.0, 0.0, 0.0])
+    with pytest.raises(ValueError, match="parallel"):
+        plane(ob, x, u, 2 * u, progress=False)
+    with pytest.raises(ValueError, match="a_min < a_max"):
+        plane(ob, x, u, torch.tensor([0.0, 1.0, 0.0]), (1, 1, 0, 1), progress=False)
+    with pytest.raises(ValueError, match="extent must be"):
+        plane(ob, x, u, torch.tensor([0.0, 1.0, 0.0]), (0, 1), progress=False)
+    with pytest.raises(ValueError, match="v must have shape"):
+        plane(ob, x, u, torch.zeros(2), progress=False)
+    with pytest.raises(ValueError, match="non-zero"):
+        plane(ob, x, u, torch.zeros(3), progress=False)
