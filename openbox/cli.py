@@ -32,6 +32,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
@@ -529,6 +530,137 @@ def cmd_verify(args: argparse.Namespace) -> int:
     return EXIT_OK if n_pass == args.n else EXIT_FAILED
 
 
+# --- segment and plane ------------------------------------------------------------------
+
+
+SEGMENT_SAMPLES = 801  # points where the segment figure evaluates the model's own logits
+
+
+def _two_images(args, m):
+    ds, where = _test_images(args.data, args.download)
+    _check_input_shape(m, tuple(ds.images.shape[1:]), where)
+    return ds, where
+
+
+def cmd_segment(args: argparse.Namespace) -> int:
+    from openbox.plotting import plot_segment
+
+    out = _check_out_dir(args.out)
+    m = _load_model(args)
+    ds, where = _two_images(args, m)
+    for i in (args.start, args.end):
+        _check_index(i, len(ds), where)
+    if args.start == args.end:
+        raise UsageError("--from and --to are the same image; a segment needs two")
+    names = _class_names(m, ds)
+    ob = OpenBox(m.model, m.input_shape, dtype=DTYPES[args.dtype], domain=DOMAIN)
+    x0, x1 = ds.images[args.start], ds.images[args.end]
+    started = time.perf_counter()
+    pieces = openbox_regions().segment(ob, x0, x1, progress=True)
+    seconds = time.perf_counter() - started
+    t = np.linspace(0.0, 1.0, SEGMENT_SAMPLES)
+    xs = x0.to(ob.dtype) + torch.as_tensor(t, dtype=ob.dtype).reshape(-1, 1, 1, 1) * (
+        x1 - x0).to(ob.dtype)
+    with torch.no_grad():
+        logits = ob.reference(xs).double().numpy()
+    _make_dir(out)
+    title = (f"test images {args.start} -> {args.end}: {len(pieces):,} linear pieces "
+             f"({m.description}, {args.dtype}); rug: breakpoints, dashed: class changes")
+    figure = _save(plot_segment(pieces, t, logits, class_names=names, title=title),
+                   out / "segment.png")
+    table = out / "segment.csv"
+    with table.open("w") as fh:
+        fh.write("t_start,t_end,region,prediction\n")
+        for p in pieces:
+            fh.write(f"{p.t_start!r},{p.t_end!r},{p.region_key.digest},{p.prediction}\n")
+    changes = sum(a.prediction != b.prediction for a, b in zip(pieces, pieces[1:]))
+    _say(f"segment from test image {args.start} ({_name(int(ds.labels[args.start]), names)}) "
+         f"to {args.end} ({_name(int(ds.labels[args.end]), names)}) of {where}: "
+         f"{len(pieces):,} linear pieces ({len({p.region_key for p in pieces}):,} distinct "
+         f"regions), {changes} change(s) of the predicted class, in {seconds:.1f} s")
+    _say(f"wrote {figure} and {table}")
+    return EXIT_OK
+
+
+def openbox_regions():
+    import openbox.regions as regions
+
+    return regions
+
+
+def _plane_directions(spec: str, ds, index: int, ob) -> tuple[torch.Tensor, torch.Tensor, str]:
+    x0 = ds.images[index].to(ob.dtype)
+    g = torch.Generator().manual_seed(PLANE_SEED)
+    if spec == "random":
+        u, v = torch.randn((2, *x0.shape), generator=g, dtype=ob.dtype)
+        return u / u.norm(), v / v.norm(), "two seeded random unit directions"
+    if spec == "pca":
+        flat = ds.images.reshape(len(ds), -1).to(ob.dtype)
+        flat = flat - flat.mean(0)
+        _, _, vt = torch.linalg.svd(flat[:PCA_IMAGES], full_matrices=False)
+        u, v = (vt[k].reshape(x0.shape) for k in (0, 1))
+        return u, v, f"the first two principal components of {min(len(ds), PCA_IMAGES)} images"
+    if spec.startswith("towards:"):
+        parts = spec[len("towards:"):].split(",")
+        try:
+            idx = [int(p) for p in parts]
+        except ValueError:
+            raise UsageError(f"--directions {spec}: expected towards:J or towards:J,K with "
+                             "image indices") from None
+        if not 1 <= len(idx) <= 2:
+            raise UsageError(f"--directions {spec}: expected towards:J or towards:J,K")
+        for j in idx:
+            _check_index(j, len(ds), "the test split")
+            if j == index:
+                raise UsageError(f"--directions {spec}: image {j} is --index itself")
+        u = ds.images[idx[0]].to(ob.dtype) - x0
+        if len(idx) == 2:
+            v = ds.images[idx[1]].to(ob.dtype) - x0
+            return u, v, f"towards test images {idx[0]} (a = 1) and {idx[1]} (b = 1)"
+        r = torch.randn(x0.shape, generator=g, dtype=ob.dtype)
+        r = r - (r * u).sum() / (u * u).sum() * u
+        return u, r * (u.norm() / r.norm()), (f"towards test image {idx[0]} (a = 1) and a "
+                                              "seeded random direction of the same length")
+    raise UsageError(f"--directions {spec!r}: expected random, pca, towards:J or towards:J,K")
+
+
+PLANE_SEED = 0
+PCA_IMAGES = 2000
+
+
+def cmd_plane(args: argparse.Namespace) -> int:
+    out = _check_out_dir(args.out)
+    if not args.extent > 0:
+        raise UsageError(f"--extent must be > 0, got {args.extent}")
+    m = _load_model(args)
+    ds, where = _two_images(args, m)
+    _check_index(args.index, len(ds), where)
+    names = _class_names(m, ds)
+    ob = OpenBox(m.model, m.input_shape, dtype=DTYPES[args.dtype], domain=DOMAIN)
+    u, v, said = _plane_directions(args.directions, ds, args.index, ob)
+    e = args.extent
+    started = time.perf_counter()
+    pm = openbox_regions().plane(ob, ds.images[args.index], u, v, (-e, e, -e, e),
+                                 max_regions=args.max_regions, progress=True)
+    seconds = time.perf_counter() - started
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 7), layout="constrained")
+    pm.plot(ax, class_names=names)
+    ax.set_title(f"test image {args.index} (star): {len(pm):,} linear regions"
+                 f"{'' if pm.complete else ' (stopped at --max-regions)'}\n{said}",
+                 fontsize=9)
+    _make_dir(out)
+    figure = _save(fig, out / "plane.png")
+    boundary = sum(d["decision_boundary"] for _, _, d in pm.graph.edges(data=True))
+    _say(f"plane through test image {args.index} of {where}, {said}, extent +-{e:g}: "
+         f"{len(pm):,} regions ({pm.graph.number_of_edges():,} shared edges, {boundary} on a "
+         f"decision boundary), coverage {pm.coverage:.12f}, "
+         f"{'complete' if pm.complete else 'INCOMPLETE'}, in {seconds:.1f} s")
+    _say(f"wrote {figure}")
+    return EXIT_OK
+
+
 # --- demo --------------------------------------------------------------------------------
 
 
@@ -739,6 +871,45 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--start", type=int, default=0, help="first image index")
     p.add_argument("--dtype", choices=tuple(DTYPES), default="float64", help="working dtype")
     p.set_defaults(run=cmd_verify)
+
+    p = sub.add_parser(
+        "segment", help="the exact linear pieces between two test images",
+        formatter_class=_Formatter,
+        description="Walk the straight segment from test image --from to test image --to and "
+                    "list its exact linear pieces (the regions it crosses): segment.png "
+                    "(the model's logits along the segment with every breakpoint) and "
+                    "segment.csv (one row per piece) in --out.",
+    )
+    _add_model(p)
+    p.add_argument("--from", dest="start", type=int, required=True, metavar="I",
+                   help="index of the first image in the test split")
+    p.add_argument("--to", dest="end", type=int, required=True, metavar="J",
+                   help="index of the second image")
+    _add_data(p)
+    p.add_argument("--out", required=True, metavar="DIR", help="output folder (created)")
+    p.add_argument("--dtype", choices=tuple(DTYPES), default="float64", help="working dtype")
+    p.set_defaults(run=cmd_segment)
+
+    p = sub.add_parser(
+        "plane", help="the exact linear regions of a 2-D slice through a test image",
+        formatter_class=_Formatter,
+        description="Map the plane x0 + a u + b v (|a|, |b| <= --extent, inside [0, 1]^n) "
+                    "through test image --index into its exact linear regions: plane.png "
+                    "(regions filled by predicted class, decision boundaries thick) in --out.",
+    )
+    _add_model(p)
+    p.add_argument("--index", type=int, required=True, help="image index in the test split")
+    p.add_argument("--directions", default="random", metavar="random|pca|towards:J[,K]",
+                   help="u and v: seeded random unit directions, the first two principal "
+                        "components of the images, or the differences to test images J (and K)")
+    p.add_argument("--extent", type=float, default=0.05,
+                   help="half-width of the square extent in (a, b)")
+    p.add_argument("--max-regions", type=int, default=5000,
+                   help="stop after this many regions (the map is then marked incomplete)")
+    _add_data(p)
+    p.add_argument("--out", required=True, metavar="DIR", help="output folder (created)")
+    p.add_argument("--dtype", choices=tuple(DTYPES), default="float64", help="working dtype")
+    p.set_defaults(run=cmd_plane)
 
     shown = ", ".join(CLASSES[c] for c in DEMO_CLASSES)
     p = sub.add_parser(

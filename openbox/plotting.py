@@ -312,3 +312,44 @@ def plot_input(
     title = "\n".join(t for t in (name, title) if t)
     _draw_input(ax, _as_image(x, rgb=True), title, color, colorbar=True)
     return fig
+
+
+def plot_segment(pieces, t: np.ndarray, logits: np.ndarray, *, class_names=None,
+                 title: str | None = None) -> Figure:
+    """Logits along a segment with the exact breakpoints of its linear pieces.
+
+    Args:
+        pieces: the :func:`openbox.regions.segment` pieces.
+        t: (T,) parameters where ``logits`` (T, C) were evaluated (the model's own forward).
+        class_names: names indexed by class.
+        title: figure title.
+
+    The logits are piecewise linear in t, kinked only at the breakpoints, which are drawn
+    as a rug along the bottom; the predicted class of each piece is the strip on top.
+    """
+    fig = Figure(figsize=(9, 4.2), layout="constrained")
+    ax = fig.add_subplot(1, 1, 1)
+    c_n = logits.shape[1]
+    for c in range(c_n):
+        ax.plot(t, logits[:, c], linewidth=1.0, color=f"C{c % 10}",
+                label=_class_name(c, class_names))
+    breaks = np.array([p.t_start for p in pieces[1:]])
+    lo, hi = float(logits.min()), float(logits.max())
+    pad = 0.05 * (hi - lo or 1.0)
+    ax.vlines(breaks, lo - pad, lo - pad + 0.04 * (hi - lo + 2 * pad), color="k", linewidth=0.3,
+              alpha=0.6)
+    for p in pieces:
+        ax.axvspan(p.t_start, p.t_end, ymin=0.97, ymax=1.0, color=f"C{p.prediction % 10}",
+                   linewidth=0)
+    changes = [b.t_start for a, b in zip(pieces, pieces[1:]) if a.prediction != b.prediction]
+    for tc in changes:
+        ax.axvline(tc, color="k", linewidth=0.8, linestyle="--")
+    ax.set_xlim(0.0, 1.0)
+    ax.set_ylim(lo - pad, hi + 2 * pad)
+    ax.set_xlabel("t  (x = x0 + t (x1 - x0))", fontsize=TICK_SIZE + 1)
+    ax.set_ylabel("logit", fontsize=TICK_SIZE + 1)
+    ax.tick_params(labelsize=TICK_SIZE)
+    ax.legend(fontsize=TICK_SIZE, ncol=min(5, c_n), loc="lower right", framealpha=0.8)
+    ax.set_title(title or f"{len(pieces)} linear pieces; rug: breakpoints; dashed: the "
+                 "predicted class changes; top strip: class per piece", fontsize=TITLE_SIZE)
+    return fig

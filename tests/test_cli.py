@@ -24,6 +24,7 @@ import pytest
 import torch
 from PIL import Image
 
+import openbox
 from openbox import cli
 from openbox.engine import OpenBox, VerificationReport
 from openbox.fmnist import training
@@ -559,7 +560,7 @@ def option_entries(help_text: str) -> dict[str, str]:
 def test_help_of_every_command(capsys, tmp_path):
     proc = run("--help", cwd=tmp_path)  # once through the interpreter, as a user runs it
     assert proc.returncode == 0 and "explain" in proc.stdout
-    for command in ("train", "explain", "verify", "demo"):
+    for command in ("train", "explain", "verify", "demo", "segment", "plane"):
         assert cli.main([command, "--help"]) == 0
         out = capsys.readouterr().out
         assert f"usage: openbox {command}" in out and "--help" in out
@@ -582,3 +583,71 @@ def test_version():
     proc = run("--version", cwd=Path.cwd())
     assert proc.returncode == 0
     assert proc.stdout.strip() == f"openbox {metadata.version('openbox')}"
+
+
+# --------------------------------------------------------------------------- segment, plane
+
+TINY = """
+import torch
+from torch import nn
+
+
+def make():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Flatten(), nn.Linear(784, 6), nn.ReLU(), nn.Linear(6, 10))
+"""
+
+
+@pytest.fixture
+def tiny_model(tmp_path, monkeypatch):
+    """A module 'tiny_nets' with a small MLP on 28 x 28 images and its weights, in the cwd."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "tiny_nets.py").write_text(TINY)
+    monkeypatch.delitem(sys.modules, "tiny_nets", raising=False)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(784, 6), torch.nn.ReLU(),
+                                torch.nn.Linear(6, 10))
+    torch.save(model.state_dict(), tmp_path / "t.pt")
+    return tmp_path, model
+
+
+def test_segment_writes_pieces_that_match_the_library(tiny_model, capsys):
+    cwd, model = tiny_model
+    assert cli.main(["segment", "--model", "tiny_nets:make", "--weights", "t.pt", "--from", "3",
+                     "--to", "8", "--out", "seg"]) == 0
+    out = capsys.readouterr().out
+    assert_png(cwd / "seg" / "segment.png")
+    rows = (cwd / "seg" / "segment.csv").read_text().splitlines()
+    assert rows[0] == "t_start,t_end,region,prediction"
+    ob = OpenBox(model, (1, 28, 28), domain=(0.0, 1.0))
+    x = load_sample().images
+    pieces = openbox.regions.segment(ob, x[3], x[8], progress=False)
+    assert len(rows) - 1 == len(pieces) and f"{len(pieces):,} linear pieces" in out
+    for row, p in zip(rows[1:], pieces):
+        t0, t1, key, pred = row.split(",")
+        assert float(t0) == p.t_start and float(t1) == p.t_end
+        assert key == p.region_key.digest and int(pred) == p.prediction
+
+
+def test_plane_writes_a_map(tiny_model, capsys):
+    cwd, _ = tiny_model
+    assert cli.main(["plane", "--model", "tiny_nets:make", "--weights", "t.pt", "--index", "3",
+                     "--directions", "towards:8,9", "--extent", "0.5", "--out", "pl"]) == 0
+    out = capsys.readouterr().out
+    assert_png(cwd / "pl" / "plane.png")
+    m = re.search(r"([\d,]+) regions .* coverage ([\d.]+), complete", out)
+    assert m and int(m.group(1).replace(",", "")) >= 1
+    assert abs(float(m.group(2)) - 1) < 1e-9
+
+
+@pytest.mark.parametrize(("args", "needle"), [
+    (["segment", "--from", "3", "--to", "3", "--out", "o"], "the same image"),
+    (["segment", "--from", "3", "--to", "5000", "--out", "o"], "5000"),
+    (["plane", "--index", "3", "--directions", "towards:3", "--out", "o"], "is --index itself"),
+    (["plane", "--index", "3", "--directions", "sideways", "--out", "o"], "expected random"),
+    (["plane", "--index", "3", "--extent", "0", "--out", "o"], "--extent must be > 0"),
+])
+def test_segment_and_plane_arguments(tiny_model, capsys, args, needle):
+    line = main_error(capsys, *args[:1], "--model", "tiny_nets:make", "--weights", "t.pt",
+                      *args[1:])
+    assert needle in line

@@ -96,6 +96,8 @@ class PlaneMap:
         complete: False when ``max_regions`` stopped the walk.
         coverage: sum of polygon areas / area of ``domain_polygon`` (1 up to rounding
             when complete).
+        seed: the (a, b) where the walk started: x0 = (0, 0) when it lies inside the
+            extent and the domain, else the centroid of ``domain_polygon``.
     """
 
     polygons: list[Polygon]
@@ -104,7 +106,7 @@ class PlaneMap:
     domain_polygon: np.ndarray
     complete: bool
     coverage: float
-    origin: tuple[float, float] = (0.0, 0.0)
+    seed: tuple[float, float] = (0.0, 0.0)
 
     def __len__(self) -> int:
         return len(self.polygons)
@@ -143,8 +145,12 @@ class PlaneMap:
                  if d["decision_boundary"]] + splits
         ax.add_collection(LineCollection(thin, colors="k", linewidths=0.2, alpha=0.5))
         ax.add_collection(LineCollection(thick, colors="k", linewidths=1.6))
-        ax.plot(*self.origin, marker="*", color="white", markeredgecolor="k", markersize=12)
         a0, a1, b0, b1 = self.extent
+        ax.set_facecolor("0.85")  # outside the domain (when one is declared): grey
+        ax.plot(*self.domain_polygon[np.r_[0:len(self.domain_polygon), 0]].T, color="k",
+                linewidth=0.8)
+        ax.plot(0.0, 0.0, marker="*", color="white", markeredgecolor="k", markersize=12,
+                clip_on=False, zorder=5)
         ax.set_xlim(a0, a1)
         ax.set_ylim(b0, b1)
         ax.set_xlabel("a (along u)")
