@@ -9,6 +9,7 @@ model, the inputs and every failing check. Longer runs: ``experiments/fuzz.py --
 from __future__ import annotations
 
 import collections
+import copy
 import math
 
 import fuzz_models as fm
@@ -250,3 +251,66 @@ def test_pinned_d_window_made_only_of_padding():
     with torch.no_grad():
         torch.testing.assert_close(prog(x), m(x), rtol=1e-10, atol=1e-10)
     _assert_case_passes(fm.case_from_model(m, (2, 18), x, name="pinned-d"))
+
+
+# --------------------------------------------------------------- region walks on random models
+
+N_WALK_CASES = 120
+WALK_SHARD = 30
+
+
+def _walk_checks(case) -> list[str]:
+    """segment keys at sampled t, exact-IG completeness and plane coverage on one case."""
+    problems = []
+    model, shape = case.model, case.input_shape
+    try:
+        ob = openbox.OpenBox(model, shape)
+    except Exception as exc:  # declined (padding-only windows) is the only accepted refusal
+        if isinstance(exc, linearize.UnsupportedLayerError):
+            return []
+        return [f"OpenBox: {type(exc).__name__}: {exc}"]
+    x = case.x
+    x0, x1 = x[0], x[-1]
+    if bool((x0 == x1).all()):
+        return []
+    pieces = openbox.regions.segment(ob, x0, x1, progress=False, max_pieces=20_000)
+    ts = torch.linspace(0, 1, 201, dtype=torch.float64)
+    pts = x0 + ts.reshape(-1, *[1] * len(shape)) * (x1 - x0)
+    conf = ob.configuration(pts)
+    starts = np.array([p.t_start for p in pieces])
+    for t, k, tight in zip(ts.tolist(), conf.region_keys(), conf.n_tight.tolist()):
+        p = pieces[int(np.searchsorted(starts, t, side="right")) - 1]
+        # off every facet, a sampled point inside a piece has the piece's key
+        if p.t_start + 1e-9 < t < p.t_end - 1e-9 and tight == 0 and k != p.region_key:
+            problems.append(f"segment: key at t={t:.4f} differs from its piece's")
+            break
+    c = int(ob.program(x1.unsqueeze(0)).argmax())
+    ig = openbox.regions.integrated_gradients(ob, x1.unsqueeze(0), x0.unsqueeze(0), c,
+                                              progress=False)
+    with torch.no_grad():
+        ref = copy.deepcopy(model).double()
+        gap = float(ref(x1[None].clone())[0, c] - ref(x0[None].clone())[0, c])  # in-place models
+    scale = 1 + abs(gap)
+    if abs(float(ig.sum()) - gap) > 1e-9 * scale:
+        problems.append(f"exact IG: completeness error {abs(float(ig.sum()) - gap):.2e}")
+    u = x1 - x0
+    v = torch.randn(shape, generator=torch.Generator().manual_seed(case.index),
+                    dtype=torch.float64)
+    v = v - (v * u).sum() / (u * u).sum() * u
+    if float(v.norm()) > 1e-9:
+        pm = openbox.regions.plane(ob, x0, u, v * (u.norm() / v.norm()),
+                                   (-0.05, 0.05, -0.05, 0.05), max_regions=400, progress=False)
+        if pm.complete and abs(pm.coverage - 1) > 1e-9:
+            problems.append(f"plane: coverage {pm.coverage!r}")
+    return problems
+
+
+@pytest.mark.parametrize("shard", range(N_WALK_CASES // WALK_SHARD))
+def test_region_walks_on_random_architectures(shard):
+    bad = []
+    for i in range(shard * WALK_SHARD, (shard + 1) * WALK_SHARD):
+        case = fm.build_case(SEED + 1, i)
+        if case.status != "ok":
+            continue
+        bad += [f"seed={SEED + 1} case={i}: {p}" for p in _walk_checks(case)]
+    assert not bad, "\n".join(bad)

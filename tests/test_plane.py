@@ -151,3 +151,23 @@ def test_plane_bad_input():
         plane(ob, x, u, torch.zeros(2), progress=False)
     with pytest.raises(ValueError, match="non-zero"):
         plane(ob, x, u, torch.zeros(3), progress=False)
+
+
+def test_many_facets_through_one_vertex_regression():
+    """Found by the fuzz test (seed 1, case 50, inputs rectified): clipping by many lines
+    through a tied x0 left an edge of rounding length, whose line then cut a neighbour's
+    coverage of a real edge and stopped the walk as inconsistent."""
+    import fuzz_models as fm
+
+    case = fm.build_case(1, 50)
+    torch.set_num_threads(1)
+    ob = openbox.OpenBox(case.model, case.input_shape)
+    x0, x1 = case.x[0].clamp_min(0), case.x[-1].clamp_min(0)
+    u = x1 - x0
+    v = torch.randn(case.input_shape, generator=torch.Generator().manual_seed(50), dtype=F64)
+    v = v - (v * u).sum() / (u * u).sum() * u
+    pm = plane(ob, x0, u, v * (u.norm() / v.norm()), (-0.05, 0.05, -0.05, 0.05),
+               progress=False)
+    assert pm.complete and pm.coverage == pytest.approx(1.0, abs=1e-9)
+    pts = _points(pm, 100, 3)
+    _check_tiling(pm, pts)

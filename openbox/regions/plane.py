@@ -36,6 +36,11 @@ EDGE_FRACTION = 1e-9
 """Uncovered parts of an edge shorter than this fraction of the extent's diagonal are not
 crossed (a sliver that thin is reported through :attr:`PlaneMap.coverage`)."""
 
+VERTEX_MERGE = 1e-12
+"""Consecutive polygon vertices closer than this times the polygon's coordinate size are
+one vertex (clipping by many lines through one point, e.g. the facets of a tied x0, leaves
+edges of rounding length whose direction is noise)."""
+
 BOUNDARY = -1
 """Edge label of the extent's (or the domain's) boundary: nothing to cross."""
 
@@ -203,9 +208,11 @@ def _clip(verts: np.ndarray, labels: np.ndarray, g: np.ndarray, h: float, label:
             out_v.append(verts[i] + t * (verts[j] - verts[i]))
             out_l.append(labels[i] if inside[j] else label)
     v, lab = np.array(out_v), np.array(out_l)
-    # a vertex equal to the next one starts a zero-length edge: drop it, so the edge that
-    # follows (from the equal vertex) keeps its own label
-    keep = ~np.all(v == np.roll(v, -1, axis=0), axis=1)
+    # a vertex (within rounding) equal to the next one starts an edge of rounding length,
+    # whose direction is noise: drop it, so the edge that follows keeps its own label
+    size = float(np.abs(v).max()) + float(np.ptp(v, axis=0).max())
+    gap = np.linalg.norm(v - np.roll(v, -1, axis=0), axis=1)
+    keep = gap > VERTEX_MERGE * size
     return v[keep], lab[keep]
 
 
@@ -331,6 +338,8 @@ def _half_planes(ob, config, gates, p: np.ndarray, n: np.ndarray, e: np.ndarray,
         # slack + (q - p) . w >= 0  <=>  -w . q <= slack - w . p
         Gs.append(-w)
         hs.append(s - w @ p)
+    if not Gs:  # no gates: one region, the whole plane
+        return np.zeros((0, 2)), np.zeros(0), np.zeros(0, dtype=np.int64)
     G, h = np.vstack(Gs), np.concatenate(hs)
     keep = np.isfinite(h) & np.any(G != 0, axis=1)
     return G[keep], h[keep], np.flatnonzero(keep)

@@ -1,0 +1,395 @@
+"""openbox.regions.census: region counts, purity, per-layer structure and merging, against
+references computed directly from ``ob.region_key`` / ``ob.configuration`` (keys compared
+as keys, patterns as Python tuples, nearest neighbours by an explicit double loop)."""
+
+from __future__ import annotations
+
+import csv
+import io
+import pickle
+import re
+from collections import Counter
+
+import numpy as np
+import pytest
+import torch
+from _models import random_cnn, random_input, random_mlp
+from torch.utils.data import DataLoader, TensorDataset
+
+import openbox
+from openbox.regions.census import Census, census
+
+SHAPE = (1, 12, 12)
+
+
+@pytest.fixture(scope="module")
+def cnn():
+    return openbox.OpenBox(random_cnn(3, channels=(3, 4), input_shape=SHAPE), SHAPE)
+
+
+@pytest.fixture(scope="module")
+def mlp():
+    return openbox.OpenBox(random_mlp(1, sizes=(4, 6, 5, 3)), (4,))
+
+
+def _cnn_data(n_base: int = 24, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random images, some repeated, some slightly perturbed (a few gates flip, mostly
+    in some layers only), a zero and a constant image (on facets); labels 0..2."""
+    base = random_input(SHAPE, n_base, seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    near = base[:8] + 0.05 * torch.randn((8, *SHAPE), generator=g, dtype=torch.float64)
+    x = torch.cat([base, base[:6], near, torch.zeros(2, *SHAPE), torch.full((1, *SHAPE), 0.3)])
+    perm = torch.randperm(x.shape[0], generator=g)
+    y = torch.randint(0, 3, (x.shape[0],), generator=g)
+    return x[perm], y
+
+
+@pytest.fixture(scope="module")
+def cnn_data():
+    return _cnn_data()
+
+
+@pytest.fixture(scope="module")
+def cnn_census(cnn, cnn_data):
+    x, y = cnn_data
+    return census(cnn, x, y, batch_size=16, progress=False)
+
+
+# --------------------------------------------------------------------------- counts
+
+
+def test_counts_match_the_region_keys_on_known_repeats(mlp):
+    x = random_input((4,), 20, seed=5)
+    radius = mlp.certified_radius(x[:5])
+    assert bool((radius > 0).all())
+    g = torch.Generator().manual_seed(9)
+    u = torch.randn(5, 4, generator=g, dtype=torch.float64)
+    inside = x[:5] + 0.5 * radius[:, None] * u / u.norm(dim=1, keepdim=True)
+    data = torch.cat([x, x[:5], inside])  # each of x[:5]: itself, a copy, a point inside
+    c = census(mlp, data, progress=False)
+
+    keys = mlp.region_key(data)
+    want = Counter(keys)
+    assert c.n_inputs == 30
+    assert c.n_regions == len(want)
+    for key, n in want.items():
+        assert c.count(key) == n
+        assert c.counts[key.digest16.hex()] == n
+    assert sum(c.counts.values()) == 30
+    for i in range(5):  # the constructed repeats
+        assert keys[i] == keys[20 + i] == keys[25 + i]
+        assert c.count(keys[i]) >= 3
+    assert list(c.counts.values()) == sorted(c.counts.values(), reverse=True)
+    assert c.digests.shape == (30, 16) and c.digests.dtype == np.uint8
+    assert [bytes(d) for d in c.digests] == [k.digest16 for k in keys]
+
+
+def test_on_facet_and_predictions_against_the_configuration(cnn, cnn_data, cnn_census):
+    x, _ = cnn_data
+    config = cnn.configuration(x)
+    assert cnn_census.on_facet == int((config.n_tight > 0).sum()) > 0  # the flat images
+    np.testing.assert_array_equal(cnn_census.n_tight, config.n_tight.numpy())
+    with torch.no_grad():
+        want = cnn.reference(x).argmax(dim=1).numpy()
+    np.testing.assert_array_equal(cnn_census.predictions, want)
+
+
+def test_counts_of_a_cnn_against_the_keys(cnn, cnn_data, cnn_census):
+    x, _ = cnn_data
+    want = Counter(k.digest16.hex() for k in cnn.region_key(x))
+    assert cnn_census.counts == dict(want)
+    assert cnn_census.n_regions == len(want) < cnn_census.n_inputs
+    sizes, n = cnn_census.region_sizes()
+    assert int((sizes * n).sum()) == cnn_census.n_inputs
+    assert cnn_census.singletons == sum(v == 1 for v in want.values())
+
+
+def test_count_refuses_a_key_of_another_context(cnn, mlp, cnn_census):
+    key = mlp.region_key(random_input((4,), 1, 0))[0]
+    with pytest.raises(ValueError, match="another key context"):
+        cnn_census.count(key)
+
+
+# --------------------------------------------------------------------------- labels
+
+
+def test_purity_on_a_constructed_case(mlp):
+    pts = random_input((4,), 4, seed=11)
+    keys = mlp.region_key(pts)
+    assert len(set(keys)) == 4  # four different regions: a, b, c, d
+    a, b, c_, d = pts
+    x = torch.stack([a, a, a, b, b, c_, d, d])
+    y = torch.tensor([0, 0, 1, 2, 2, 1, 3, 1])
+    c = census(mlp, x, y, progress=False)
+    rows = {r.region: r for r in c.regions()}
+    ra, rb, rc, rd = (rows[k.digest16.hex()] for k in keys)
+    assert (ra.count, ra.majority, ra.purity) == (3, 0, pytest.approx(2 / 3))
+    assert (rb.count, rb.majority, rb.purity) == (2, 2, 1.0)
+    assert (rc.count, rc.majority, rc.purity) == (1, 1, 1.0)
+    assert (rd.count, rd.majority, rd.purity) == (2, 1, 0.5)  # a tie: the smaller label
+    assert c.purity == pytest.approx((2 + 2 + 1 + 1) / 8)
+    assert c.class_counts(ra.region) == {0: 2, 1: 1}
+    assert c.class_counts(rd.region) == {1: 1, 3: 1}
+    assert [r.rank for r in c.regions()] == [1, 2, 3, 4] and c.regions()[0] == ra
+    unlabelled = census(mlp, x, progress=False)
+    assert unlabelled.purity is None and unlabelled.regions()[0].majority is None
+    assert unlabelled.prediction_purity == 1.0  # duplicates share their prediction
+
+
+def test_a_dataloader_of_pairs_gives_the_census_of_the_tensor(cnn, cnn_data, cnn_census):
+    x, y = cnn_data
+    loader = DataLoader(TensorDataset(x.float(), y), batch_size=7, shuffle=False)
+    c = census(cnn, loader, progress=False)
+    for name in ("digests", "layer_digests", "n_tight", "predictions", "labels"):
+        np.testing.assert_array_equal(getattr(c, name), getattr(cnn_census, name))
+    assert c.purity == cnn_census.purity
+    np.testing.assert_array_equal(c.neighbours.hamming, cnn_census.neighbours.hamming)
+    # batches larger than the census's own are split; the result does not change
+    big = census(cnn, DataLoader(TensorDataset(x, y), batch_size=20), batch_size=8,
+                 progress=False)
+    np.testing.assert_array_equal(big.layer_digests, cnn_census.layer_digests)
+    np.testing.assert_array_equal(big.labels, cnn_census.labels)
+    # a plain list of x batches: an unlabelled census of the same regions
+    plain = census(cnn, [x[:10], x[10:]], progress=False)
+    assert plain.labels is None and plain.counts == cnn_census.counts
+
+
+# --------------------------------------------------------------------------- per layer
+
+
+def _patterns(ob, x):
+    """node -> list of per-input patterns as tuples, straight from the configuration."""
+    config = ob.configuration(x)
+    out = {}
+    for k in ob.program.gates:
+        t = config.on[k] if k in config.on else config.select[k]
+        out[k] = [tuple(row.reshape(-1).tolist()) for row in t]
+    return out
+
+
+def test_distinct_patterns_per_layer_brute_force(cnn, cnn_data, cnn_census):
+    x, _ = cnn_data
+    pats = _patterns(cnn, x)
+    want = {k: len(set(p)) for k, p in pats.items()}
+    assert cnn_census.distinct_patterns == want
+    assert [layer.node for layer in cnn_census.layers] == list(cnn.program.gates)
+    assert [layer.kind for layer in cnn_census.layers] == ["relu", "maxpool"] * 2
+    assert [layer.name for layer in cnn_census.layers] == ["relu1", "pool1", "relu2", "pool2"]
+    # the perturbed copies make the layers differ: not every count is the region count
+    assert min(want.values()) < cnn_census.n_regions
+    assert max(want.values()) <= cnn_census.n_regions
+
+
+def _nearest_reference(x: np.ndarray) -> np.ndarray:
+    n = x.shape[0]
+    nn = np.empty(n, dtype=np.int64)
+    for i in range(n):
+        best, arg = np.inf, -1
+        for j in range(n):
+            if j != i:
+                d = float(((x[i] - x[j]) ** 2).sum())
+                if d < best:
+                    best, arg = d, j
+        nn[i] = arg
+    return nn
+
+
+def test_nearest_neighbour_hamming_per_layer_against_a_direct_computation(
+        cnn, cnn_data, cnn_census):
+    x, _ = cnn_data
+    flat = x.reshape(x.shape[0], -1).numpy()
+    nn = _nearest_reference(flat)
+    pats = _patterns(cnn, x)
+    nb = cnn_census.neighbours
+    np.testing.assert_array_equal(nb.index, np.arange(x.shape[0]))
+    np.testing.assert_array_equal(nb.neighbour, nn)
+    np.testing.assert_allclose(nb.distance, np.linalg.norm(flat - flat[nn], axis=1),
+                               rtol=1e-12, atol=1e-12)
+    for j, k in enumerate(cnn.program.gates):
+        want = np.array([sum(a != b for a, b in zip(pats[k][i], pats[k][nn[i]]))
+                         for i in range(len(nn))])
+        np.testing.assert_array_equal(nb.hamming[:, j], want)
+        stats = cnn_census.layer_stats()[j]
+        assert stats.hamming_median == float(np.median(want))
+        assert stats.hamming_mean == pytest.approx(want.mean(), rel=1e-12)
+    keys = cnn.region_key(x)
+    np.testing.assert_array_equal(nb.same_region, [keys[i] == keys[nn[i]] for i in range(len(nn))])
+    assert nb.same_region.any() and not nb.same_region.all()  # the copies, and the rest
+
+
+def test_a_capped_sample_is_uniform_in_size_and_independent_of_batching(cnn, cnn_data):
+    x, _ = cnn_data
+    a = census(cnn, x, neighbours_n=10, batch_size=3, progress=False, seed=4)
+    b = census(cnn, x, neighbours_n=10, batch_size=64, progress=False, seed=4)
+    na, nb = a.neighbours, b.neighbours
+    assert na.n == 10 and na.n_inputs == x.shape[0]
+    assert len(set(na.index.tolist())) == 10 and list(na.index) == sorted(na.index)
+    for name in ("index", "neighbour", "hamming", "distance"):
+        np.testing.assert_array_equal(getattr(na, name), getattr(nb, name))
+    # the neighbours are the nearest within the sample
+    sub = x[torch.as_tensor(na.index)]
+    nn = _nearest_reference(sub.reshape(10, -1).numpy())
+    np.testing.assert_array_equal(na.neighbour, na.index[nn])
+    other = census(cnn, x, neighbours_n=10, progress=False, seed=5)
+    assert list(other.neighbours.index) != list(na.index)
+    assert census(cnn, x, neighbours_n=0, progress=False).neighbours is None
+
+
+# --------------------------------------------------------------------------- merging
+
+
+def test_two_halves_merged_equal_the_whole(cnn, cnn_data, cnn_census):
+    x, y = cnn_data
+    h = x.shape[0] // 2
+    a = census(cnn, x[:h], y[:h], progress=False)
+    b = census(cnn, x[h:], y[h:], progress=False)
+    for merged in (a.merge(b), a + b, sum([a, b]), pickle.loads(pickle.dumps(a)) + b):
+        assert merged.counts == cnn_census.counts
+        assert merged.n_regions == cnn_census.n_regions < a.n_regions + b.n_regions
+        assert merged.distinct_patterns == cnn_census.distinct_patterns
+        assert merged.on_facet == cnn_census.on_facet
+        assert merged.purity == cnn_census.purity
+        np.testing.assert_array_equal(merged.digests, cnn_census.digests)
+        assert merged.neighbours is None  # dropped, never combined
+    assert "not computed" in (a + b).layer_table()
+    assert a.neighbours is not None  # the operands are left alone
+    thirds = census(cnn, x[:10], y[:10], progress=False).merge(
+        census(cnn, x[10:20], y[10:20], progress=False), census(cnn, x[20:], y[20:],
+                                                                progress=False))
+    assert thirds.counts == cnn_census.counts
+
+
+def test_merging_censuses_of_different_models_dtypes_or_directions_raises(cnn, cnn_data,
+                                                                         cnn_census):
+    x, y = cnn_data
+    other_model = openbox.OpenBox(random_cnn(4, channels=(3, 4), input_shape=SHAPE), SHAPE)
+    other_dtype = openbox.OpenBox(random_cnn(3, channels=(3, 4), input_shape=SHAPE), SHAPE,
+                                  dtype=torch.float32)
+    other_direction = openbox.OpenBox(random_cnn(3, channels=(3, 4), input_shape=SHAPE), SHAPE,
+                                      direction=torch.ones(SHAPE))
+    same = openbox.OpenBox(random_cnn(3, channels=(3, 4), input_shape=SHAPE), SHAPE)
+    assert (cnn_census + census(same, x[:5], y[:5], progress=False)).n_inputs == len(x) + 5
+    for ob in (other_model, other_dtype, other_direction):
+        c = census(ob, x[:5], y[:5], progress=False)
+        with pytest.raises(ValueError, match="different key contexts"):
+            cnn_census.merge(c)
+        with pytest.raises(ValueError, match="different key contexts"):
+            c + cnn_census
+    with pytest.raises(ValueError, match="labelled census with an unlabelled"):
+        cnn_census.merge(census(cnn, x[:5], progress=False))
+    with pytest.raises(TypeError):
+        cnn_census.merge("not a census")
+
+
+# --------------------------------------------------------------------------- tables
+
+
+def test_to_csv_holds_every_region(cnn_census, tmp_path):
+    buf = io.StringIO()
+    cnn_census.to_csv(buf, classes=["zero", "one", "two"])
+    rows = list(csv.DictReader(io.StringIO(buf.getvalue())))
+    assert len(rows) == cnn_census.n_regions
+    assert sum(int(r["inputs"]) for r in rows) == cnn_census.n_inputs
+    for r, want in zip(rows, cnn_census.regions()):
+        assert int(r["inputs"]) == cnn_census.counts[r["region"]] == want.count
+        assert int(r["majority"]) == want.majority
+        assert r["majority_class"] == ["zero", "one", "two"][want.majority]
+        assert float(r["purity"]) == want.purity
+        assert float(r["share"]) == want.count / cnn_census.n_inputs
+        assert int(r["on_facet"]) == want.on_facet
+    assert sum(int(r["on_facet"]) for r in rows) == cnn_census.on_facet
+    path = tmp_path / "census.csv"
+    cnn_census.to_csv(path, top=3)
+    assert len(path.read_text().splitlines()) == 4
+
+
+def test_to_markdown_holds_the_top_regions_and_the_rest(cnn_census):
+    text = cnn_census.to_markdown(top=3, classes=["zero", "one", "two"])
+    rows = re.findall(r"^\| (\d+) \| `([0-9a-f]{32})` \| (\d+) \| ([\d.]+)% \| (\d) \((\w+)\) "
+                      r"\| ([\d.]+) \| (\d+) \|$", text, flags=re.M)
+    assert len(rows) == 3
+    for (rank, region, n, share, major, name, purity, facet), want in zip(
+            rows, cnn_census.regions(3)):
+        assert (int(rank), region, int(n)) == (want.rank, want.region, want.count)
+        assert int(major) == want.majority and name == ["zero", "one", "two"][want.majority]
+        assert float(purity) == pytest.approx(want.purity, abs=5e-5)
+        assert float(share) == pytest.approx(100 * want.share, abs=5e-3)
+        assert int(facet) == want.on_facet
+    rest = re.search(r"^\| \| (\d+) other regions \| (\d+) \|", text, flags=re.M)
+    assert int(rest[1]) == cnn_census.n_regions - 3
+    assert int(rest[2]) + sum(int(r[2]) for r in rows) == cnn_census.n_inputs
+    assert f"{cnn_census.n_inputs:,} inputs in {cnn_census.n_regions:,} regions" in text
+    assert f"{cnn_census.on_facet:,} on a facet" in text
+
+
+def test_layer_table_holds_the_per_layer_numbers(cnn_census):
+    text = cnn_census.layer_table()
+    rows = [line.split("|")[1:-1] for line in text.splitlines()
+            if re.match(r"^\| \d+ \|", line)]
+    assert len(rows) == len(cnn_census.layers)
+    for cells, layer, stats in zip(rows, cnn_census.layers, cnn_census.layer_stats()):
+        cells = [c.strip() for c in cells]
+        assert int(cells[0]) == layer.node and cells[1] == layer.name
+        assert int(cells[3]) == layer.units and int(cells[4]) == stats.distinct
+        assert float(cells[5]) == pytest.approx(stats.hamming_median, rel=1e-3)
+        assert float(cells[6]) == pytest.approx(stats.hamming_mean, rel=1e-3)
+    total = re.search(r"^\|  \| all gates \|  \| (\d+) \| (\d+) \|", text, flags=re.M)
+    assert int(total[1]) == sum(layer.units for layer in cnn_census.layers)
+    assert int(total[2]) == cnn_census.n_regions
+    assert f"sample of {cnn_census.n_inputs:,} of the {cnn_census.n_inputs:,}" in text
+
+
+def test_plot_draws_the_region_size_histogram(cnn_census, tmp_path):
+    ax = cnn_census.plot()
+    heights = [p.get_height() for p in ax.patches]
+    sizes, n = cnn_census.region_sizes()
+    assert heights == n.tolist()
+    ax.figure.savefig(tmp_path / "census.png")
+    assert (tmp_path / "census.png").stat().st_size > 0
+
+
+# --------------------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize("data, labels, message", [
+    (torch.zeros(3, 1, 10, 10), None, r"must have shape \(B, 1, 12, 12\)"),
+    (torch.zeros(3, 144), None, r"must have shape \(B, 1, 12, 12\)"),
+    (torch.zeros(0, 1, 12, 12), None, "no inputs"),
+    ([], None, "no inputs"),
+    (iter([]), None, "no inputs"),
+    (torch.zeros(3, 1, 12, 12), torch.zeros(2, dtype=torch.int64), r"labels must have shape"),
+    (torch.zeros(3, 1, 12, 12), torch.zeros(3), "integer class labels"),
+    ([torch.zeros(3, 1, 12, 12)], torch.zeros(3, dtype=torch.int64), "carry their own labels"),
+    ([{"x": torch.zeros(3, 1, 12, 12)}], None, "data batch 0 must be a tensor x or a pair"),
+    ([(torch.zeros(2, *SHAPE), torch.zeros(2, dtype=torch.int64)), torch.zeros(2, *SHAPE)],
+     None, "some batches of data carry labels"),
+    ([torch.zeros(2, *SHAPE), torch.zeros(2, 1, 11, 12)], None, "data batch 1 must have shape"),
+    ([torch.full((2, *SHAPE), float("nan"))], None, "NaN"),
+    ("images/", None, "data must be a tensor"),
+    (torch.zeros(3, 1, 12, 12, dtype=torch.int64), None, "floating tensor"),
+])
+def test_bad_input_gives_a_clear_error(cnn, data, labels, message):
+    with pytest.raises(ValueError, match=message):
+        census(cnn, data, labels, progress=False)
+
+
+def test_progress_bar_goes_to_stderr(cnn, capsys):
+    census(cnn, [torch.zeros(2, *SHAPE)] * 3, progress=True)
+    captured = capsys.readouterr()
+    assert "census:" in captured.err and "/3 " in captured.err and captured.out == ""
+    census(cnn, [torch.zeros(2, *SHAPE)] * 3, progress=False)
+    assert capsys.readouterr().err == ""
+
+
+def test_bad_options(cnn):
+    x = torch.zeros(2, *SHAPE)
+    with pytest.raises(ValueError, match="batch_size"):
+        census(cnn, x, batch_size=0)
+    with pytest.raises(ValueError, match="neighbours_n"):
+        census(cnn, x, neighbours_n=-1)
+
+
+def test_a_single_input_has_one_region_and_no_neighbours(cnn):
+    c = census(cnn, torch.zeros(1, *SHAPE), progress=False)
+    assert isinstance(c, Census) and (c.n_inputs, c.n_regions, c.singletons) == (1, 1, 1)
+    assert c.neighbours is None and "not computed" in c.layer_table()
