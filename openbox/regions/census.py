@@ -523,21 +523,36 @@ class Census:
         return "\n".join(out)
 
     def plot(self, ax=None):
-        """Histogram of region sizes (inputs per region; both axes logarithmic) on ``ax``
-        (a matplotlib Axes; default: a new Figure, built without pyplot). Returns the
+        """Histogram of region sizes (inputs per region against the number of regions of
+        that size; logarithmic axes when the sizes or counts span more than a decade) on
+        ``ax`` (a matplotlib Axes; default: a new Figure, built without pyplot). Returns the
         Axes; ``ax.figure.savefig("census.png")`` writes it."""
+        from matplotlib.ticker import MaxNLocator
+
         if ax is None:
             from matplotlib.figure import Figure
 
             ax = Figure(figsize=(6.0, 4.0), layout="constrained").add_subplot()
         sizes, n = self.region_sizes()
-        ax.bar(sizes, n, width=np.maximum(0.8, 0.25 * sizes), color="tab:blue")
-        ax.set_xscale("log")
-        ax.set_yscale("log")
+        if sizes.max() > 10 * sizes.min():  # bars of equal width on a log axis
+            ax.bar(sizes / 1.2, n, width=sizes * (1.2 - 1 / 1.2), align="edge")
+            ax.set_xscale("log")
+        else:
+            ax.bar(sizes, n, width=0.8)
+            ax.set_xlim(sizes.min() - 0.6, sizes.max() + 0.6)
+            if len(sizes) <= 12:
+                ax.set_xticks(sizes)
+            else:
+                ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        if n.max() > 10 * n.min():
+            ax.set_yscale("log")
+        else:
+            ax.yaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_xlabel("inputs in the region")
         ax.set_ylabel("regions")
-        ax.set_title(f"{self.n_inputs:,} inputs in {self.n_regions:,} linear regions",
-                     fontsize=10)
+        ax.set_title(f"{self.n_inputs:,} inputs in {self.n_regions:,} linear regions "
+                     f"({self.singletons:,} singletons, {self.on_facet:,} inputs on a facet)",
+                     fontsize=9)
         return ax
 
 
