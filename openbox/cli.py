@@ -661,6 +661,47 @@ def cmd_plane(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+# --- census -----------------------------------------------------------------------------
+
+CENSUS_FIGURE = "census.png"
+CENSUS_TOP = 20
+
+
+def cmd_census(args: argparse.Namespace) -> int:
+    from openbox.regions.census import census
+
+    dtype = DTYPES[args.dtype]
+    if args.n is not None and args.n < 1:
+        raise UsageError(f"--n must be >= 1, got {args.n}")
+    if args.top < 0:
+        raise UsageError(f"--top must be >= 0, got {args.top}")
+    figure = _check_out_file(args.plot, "--plot", ".png")
+    table = None if args.csv is None else _check_out_file(args.csv, "--csv", ".csv")
+    m = _load_model(args)
+    ds, where = _test_images(args.data, args.download)
+    n = len(ds) if args.n is None else args.n
+    if n > len(ds):
+        raise UsageError(f"--n {n} asks for more images than {where} holds ({len(ds):,})")
+    _check_input_shape(m, tuple(ds.images.shape[1:]), where)
+    names = _class_names(m, ds)
+    ob = OpenBox(m.model, m.input_shape, dtype=dtype, domain=DOMAIN)
+    _say(f"census of {m.description} over {n:,} images of {where} in {args.dtype}")
+    c = census(ob, ds.images[:n], ds.labels[:n], progress=True)
+    _say(c.to_markdown(top=args.top, classes=names))
+    _say("")
+    _say(c.layer_table())
+    ax = c.plot()
+    _make_dir(figure.parent)
+    _save(ax.figure, figure)
+    written = [str(figure)]
+    if table is not None:
+        _make_dir(table.parent)
+        c.to_csv(table, classes=names)
+        written.append(str(table))
+    _say(f"wrote {' and '.join(written)}")
+    return EXIT_OK
+
+
 # --- demo --------------------------------------------------------------------------------
 
 
@@ -910,6 +951,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, metavar="DIR", help="output folder (created)")
     p.add_argument("--dtype", choices=tuple(DTYPES), default="float64", help="working dtype")
     p.set_defaults(run=cmd_plane)
+
+    p = sub.add_parser(
+        "census", help="count the linear regions test images fall into",
+        formatter_class=_Formatter,
+        description="Push test images through the model once and count the linear regions "
+                    "they fall into: the largest regions (size, majority class, purity, "
+                    "inputs on a facet), the per-layer structure (distinct activation "
+                    "patterns, Hamming distance to the nearest neighbour's pattern), and a "
+                    f"histogram of region sizes (--plot, default {CENSUS_FIGURE}).",
+    )
+    _add_model(p)
+    _add_data(p)
+    p.add_argument("--n", type=int, default=None,
+                   help="number of images, from the first (default: all)")
+    p.add_argument("--top", type=int, default=CENSUS_TOP, help="largest regions to list")
+    p.add_argument("--plot", metavar="FILE.png", default=CENSUS_FIGURE,
+                   help="histogram of region sizes to write")
+    p.add_argument("--csv", metavar="FILE.csv", default=None,
+                   help="also write every region (digest, inputs, majority, purity) as CSV")
+    p.add_argument("--dtype", choices=tuple(DTYPES), default="float64", help="working dtype")
+    p.set_defaults(run=cmd_census)
 
     shown = ", ".join(CLASSES[c] for c in DEMO_CLASSES)
     p = sub.add_parser(

@@ -560,12 +560,12 @@ def option_entries(help_text: str) -> dict[str, str]:
 def test_help_of_every_command(capsys, tmp_path):
     proc = run("--help", cwd=tmp_path)  # once through the interpreter, as a user runs it
     assert proc.returncode == 0 and "explain" in proc.stdout
-    for command in ("train", "explain", "verify", "demo", "segment", "plane"):
+    for command in ("train", "explain", "verify", "demo", "segment", "plane", "census"):
         assert cli.main([command, "--help"]) == 0
         out = capsys.readouterr().out
         assert f"usage: openbox {command}" in out and "--help" in out
         entries = option_entries(out)
-        assert "-h" in entries and "--out" in entries or command == "verify"
+        assert "-h" in entries and "--out" in entries or command in ("verify", "census")
         for entry in entries.values():
             assert "(default: None)" not in entry and "(default: False)" not in entry, entry
             assert entry.lower().count("default") <= 1, entry
@@ -651,3 +651,21 @@ def test_segment_and_plane_arguments(tiny_model, capsys, args, needle):
     line = main_error(capsys, *args[:1], "--model", "tiny_nets:make", "--weights", "t.pt",
                       *args[1:])
     assert needle in line
+
+
+def test_census_prints_the_tables_and_writes_the_histogram(tiny_model, capsys):
+    cwd, model = tiny_model
+    assert cli.main(["census", "--model", "tiny_nets:make", "--weights", "t.pt", "--n", "200",
+                     "--plot", "c.png", "--csv", "c.csv"]) == 0
+    out = capsys.readouterr().out
+    assert_png(cwd / "c.png")
+    from openbox.regions import census
+
+    ob = OpenBox(model, (1, 28, 28), domain=(0.0, 1.0))
+    sample = load_sample()
+    want = census(ob, sample.images[:200], sample.labels[:200], progress=False)
+    assert f"{want.n_regions:,}" in out or str(want.n_regions) in out
+    rows = (cwd / "c.csv").read_text().splitlines()
+    assert len(rows) - 1 == want.n_regions
+    assert main_error(capsys, "census", "--model", "tiny_nets:make", "--weights", "t.pt",
+                      "--n", "0").endswith("--n must be >= 1, got 0")

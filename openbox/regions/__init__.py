@@ -1,18 +1,20 @@
 """Walks of the partition of input space into linear regions.
 
 :func:`segment` follows a straight line and returns its exact linear pieces; :func:`plane`
-maps a 2-D slice into exact polygons;
+maps a 2-D slice into exact polygons; :func:`census` counts the regions a dataset falls
+into;
 :func:`integrated_gradients` sums the path integral over those pieces (exact IG), also
 behind Captum's interface as :class:`ExactIntegratedGradients`. Every walk builds on
 the engine's public API and on the row primitives of :mod:`openbox.constraints` (the one
 owner of "a gate row": orientation, slack, rows along a direction).
 """
 
+from openbox.regions.census import Census, census
 from openbox.regions.integrated_gradients import ExactIntegratedGradients, integrated_gradients
 from openbox.regions.plane import PlaneMap, Polygon, plane
 from openbox.regions.segment import Piece, segment
 
 __all__ = [
-    "ExactIntegratedGradients", "Piece", "PlaneMap", "Polygon", "integrated_gradients",
-    "plane", "segment",
+    "Census", "ExactIntegratedGradients", "Piece", "PlaneMap", "Polygon", "census",
+    "integrated_gradients", "plane", "segment",
 ]

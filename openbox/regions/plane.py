@@ -407,6 +407,7 @@ def plane(
     # frontier items: (point (2,), n (2,), e (2,), edge id (polygon, edge) or None)
     frontier = [(origin, np.array([1.0, 0.0]), np.array([0.0, 1.0]), None)]
     complete = True
+    grid = _Grid(start, GRID_CELLS)
     bar = tqdm(desc="plane", unit="region", leave=False,
                disable=not (True if progress is None else progress))
     with bar, torch.no_grad():
@@ -447,12 +448,17 @@ def plane(
                 graph.add_node(len(polys))
                 polys.append(Polygon(verts, keys[j], pred, w, b0, labels))
                 bar.update(1)
+                me = len(polys) - 1
+                near = grid.near(verts)
+                grid.add(me, verts)
                 lengths = np.linalg.norm(np.roll(verts, -1, axis=0) - verts, axis=1)
                 for i, lab in enumerate(labels):
                     # edges of rounding size (many facets meet at a tied x0) are not crossed
-                    if lab != BOUNDARY and lengths[i] > EDGE_FRACTION * diag:
-                        frontier.append(_crossing(verts, i, 0.5, len(polys) - 1))
-                        covered[(len(polys) - 1, i)] = []
+                    if lab == BOUNDARY or lengths[i] <= EDGE_FRACTION * diag:
+                        continue
+                    covered[(me, i)] = []
+                    # known neighbours already cover parts of it: cross only the rest
+                    frontier += _cover_by_known(polys, covered, graph, me, i, near, diag)
             for j, item in enumerate(todo):
                 if item[3] is None:
                     continue
@@ -487,6 +493,74 @@ def _plane_llc(ob, config, logits, u, v, pts):
     return w, bias
 
 
+KNOWN_STRETCH = 1e-6
+"""Shortest fraction of a new edge that a known polygon must share to count as covering it
+without a crossing."""
+
+GRID_CELLS = 64
+"""Cells per side of the spatial index that finds the known polygons along a new edge."""
+
+
+class _Grid:
+    """Polygons by the cells of a uniform grid over the extent that their boxes meet."""
+
+    def __init__(self, start: np.ndarray, cells: int):
+        self.lo = start.min(0)
+        self.size = np.maximum(start.max(0) - self.lo, 1e-300) / cells
+        self.cells = cells
+        self.members: dict[tuple[int, int], list[int]] = {}
+
+    def _range(self, verts: np.ndarray):
+        i0, j0 = np.clip(((verts.min(0) - self.lo) / self.size).astype(int) - 1, 0,
+                         self.cells - 1)
+        i1, j1 = np.clip(((verts.max(0) - self.lo) / self.size).astype(int) + 1, 0,
+                         self.cells - 1)
+        return [(i, j) for i in range(i0, i1 + 1) for j in range(j0, j1 + 1)]
+
+    def add(self, k: int, verts: np.ndarray) -> None:
+        for cell in self._range(verts):
+            self.members.setdefault(cell, []).append(k)
+
+    def near(self, verts: np.ndarray) -> list[int]:
+        found = set()
+        for cell in self._range(verts):
+            found.update(self.members.get(cell, ()))
+        return sorted(found)
+
+
+def _cover_by_known(polys, covered, graph, me, edge, near, diag):
+    """Cover edge ``edge`` of the new polygon ``me`` by the known polygons ``near`` that
+    share a stretch of it (polygons tile without overlap, so such a polygon is the
+    neighbour across it), then return a crossing of the first uncovered part, if any."""
+    verts = polys[me].vertices
+    p, q = verts[edge], verts[(edge + 1) % len(verts)]
+    length = float(np.linalg.norm(q - p))
+    for k in near:
+        s0, s1 = _segment_inside(p, q, polys[k].vertices)
+        # a polygon that only touches a vertex passes _segment_inside's tolerance over a
+        # stretch of rounding length: take only stretches well above it (shorter shared
+        # stretches are found by crossing, as any uncovered part is)
+        if s1 - s0 <= KNOWN_STRETCH or (s1 - s0) * length <= EDGE_FRACTION * diag:
+            continue
+        covered[(me, edge)].append((s0, s1))
+        if not graph.has_edge(me, k):
+            seg = np.array([p + s0 * (q - p), p + s1 * (q - p)])
+            graph.add_edge(me, k, segment=seg,
+                           decision_boundary=_differs(polys[me], polys[k], seg))
+    for g0, g1 in _subtract(covered[(me, edge)]):
+        if (g1 - g0) * length > EDGE_FRACTION * diag:
+            return [_crossing(verts, edge, 0.5 * (g0 + g1), me)]
+    return []
+
+
+def _differs(a: Polygon, b: Polygon, seg: np.ndarray) -> bool:
+    """The predicted class differs on the two sides of the shared segment."""
+    mid = 0.5 * (seg[0] + seg[1])
+    pa = a.logits(mid + 1e-7 * (a.centroid - mid)).argmax()
+    pb = b.logits(mid + 1e-7 * (b.centroid - mid)).argmax()
+    return bool(pa != pb)
+
+
 def _crossing(verts: np.ndarray, i: int, s: float, owner: int):
     """A frontier item crossing edge i of a polygon at parameter s."""
     p, q = verts[i], verts[(i + 1) % len(verts)]
@@ -509,10 +583,8 @@ def _cover(polys, covered, graph, src, edge, at, dst, diag):
     covered[(src, edge)].append((s0, s1))
     seg = np.array([p + s0 * (q - p), p + s1 * (q - p)])
     if not graph.has_edge(src, dst):
-        mid = 0.5 * (seg[0] + seg[1])
-        pa = polys[src].logits(mid + 1e-7 * (polys[src].centroid - mid)).argmax()
-        pb = polys[dst].logits(mid + 1e-7 * (polys[dst].centroid - mid)).argmax()
-        graph.add_edge(src, dst, segment=seg, decision_boundary=bool(pa != pb))
+        graph.add_edge(src, dst, segment=seg,
+                       decision_boundary=_differs(polys[src], polys[dst], seg))
     length = float(np.linalg.norm(q - p))
     out = []
     for g0, g1 in _subtract(covered[(src, edge)]):
