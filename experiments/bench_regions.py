@@ -3,7 +3,8 @@ the ratios).
 
 1. segment: pieces/s of the batched walk against the sequential walk on the same pairs of
    test images (and that both give the same pieces).
-2. exact integrated gradients against Captum's IntegratedGradients: Captum's max relative
+2. plane: regions/s of the exact 2-D slice map through a test image.
+3. exact integrated gradients against Captum's IntegratedGradients: Captum's max relative
    error against the exact attribution and its time at 50, 200, 1,000 and 4,000 steps
    (riemann_trapezoid and gausslegendre), and the exact IG's time.
 
@@ -55,10 +56,25 @@ def segment_section(ob, images, pairs, walkers):
           f"{statistics.median(ratios):.1f}x (target >= 7x)")
 
 
+def plane_section(ob, images, extent, triples):
+    print(f"3. plane through test image i spanned by the directions towards i+1 and i+2, "
+          f"extent +-{extent:g}")
+    rates = []
+    for k in range(triples):
+        x0, x1, x2 = images[3 * k], images[3 * k + 1], images[3 * k + 2]
+        t, pm = timed(lambda x0=x0, x1=x1, x2=x2: openbox.regions.plane(
+            ob, x0, x1 - x0, x2 - x0, (-extent, extent, -extent, extent), progress=False))
+        rates.append(len(pm) / t)
+        print(f"  images {3 * k}-{3 * k + 2}: {len(pm)} regions, coverage {pm.coverage:.15f}, "
+              f"{t:.1f} s, {len(pm) / t:.0f} regions/s")
+    print(f"  regions/s: min {min(rates):.0f}, median {statistics.median(rates):.0f} "
+          "(target >= 1,000)")
+
+
 def ig_section(ob, model, x, steps_list):
     from captum.attr import IntegratedGradients
 
-    print("2. integrated gradients of one test image, zero baseline, predicted class")
+    print("4. integrated gradients of one test image, zero baseline, predicted class")
     with torch.no_grad():
         target = int(ob.program(x.to(ob.dtype)).argmax())
     t_exact, (exact, pieces) = timed(lambda: openbox.regions.integrated_gradients(
@@ -92,6 +108,8 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, nargs="+", default=[50, 200, 1000, 4000])
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--skip-ig", action="store_true")
+    ap.add_argument("--plane-extent", type=float, default=0.004)
+    ap.add_argument("--planes", type=int, default=2)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     model, info = load_checkpoint(args.checkpoint) if args.checkpoint else load_demo_model()
@@ -101,6 +119,8 @@ def main(argv=None) -> int:
     print(f"{info.arch} {info.arch_kwargs}, float64, {args.threads} threads, "
           f"torch {torch.__version__}")
     segment_section(ob, images, args.pairs, args.walkers)
+    if args.planes:
+        plane_section(ob, images, args.plane_extent, args.planes)
     if not args.skip_ig:
         ig_section(ob, model, images[:1], args.steps)
     return 0
