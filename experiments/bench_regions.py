@@ -57,7 +57,7 @@ def segment_section(ob, images, pairs, walkers):
 
 
 def plane_section(ob, images, extent, triples):
-    print(f"3. plane through test image i spanned by the directions towards i+1 and i+2, "
+    print(f"2. plane through test image i spanned by the directions towards i+1 and i+2, "
           f"extent +-{extent:g}")
     rates = []
     for k in range(triples):
@@ -74,7 +74,7 @@ def plane_section(ob, images, extent, triples):
 def ig_section(ob, model, x, steps_list):
     from captum.attr import IntegratedGradients
 
-    print("4. integrated gradients of one test image, zero baseline, predicted class")
+    print("3. integrated gradients of one test image, zero baseline, predicted class")
     with torch.no_grad():
         target = int(ob.program(x.to(ob.dtype)).argmax())
     t_exact, (exact, pieces) = timed(lambda: openbox.regions.integrated_gradients(
