@@ -41,6 +41,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from openbox.fmnist.checkpoints import state_dict_problems
+from openbox.fmnist.data import INPUT_SHAPE
+
 __all__ = [
     "IMAGE_SHAPE",
     "ImageError",
@@ -53,8 +56,9 @@ __all__ = [
     "looks_inverted",
 ]
 
-IMAGE_SHAPE = (1, 28, 28)
-"""(C, H, W) of one Fashion-MNIST image, the input shape a factory's model is checked on."""
+IMAGE_SHAPE = INPUT_SHAPE
+"""(C, H, W) of one Fashion-MNIST image, the input shape a factory's model is checked on
+(the dataset kit's own INPUT_SHAPE)."""
 PNG_MODES = {"L": 255, "I;16": 65535, "I;16L": 65535, "I;16B": 65535, "1": 1}
 """Greyscale PNG modes accepted, with the value that maps to intensity 1."""
 IMAGE_SUFFIXES = (".png", ".npy")
@@ -260,19 +264,7 @@ def _state_dict(path: Path, spec: str) -> dict[str, torch.Tensor]:
 
 def _fit(model: nn.Module, state: Mapping[str, torch.Tensor]) -> str:
     """How ``state`` differs from ``model.state_dict()`` (names, shapes); '' if it fits."""
-    expected = model.state_dict()
-    missing = [k for k in expected if k not in state]
-    unexpected = [k for k in state if k not in expected]
-    shapes = [f"{k} is {tuple(state[k].shape)} in the file, {tuple(v.shape)} in the model"
-              for k, v in expected.items() if k in state and state[k].shape != v.shape]
-    parts = []
-    if shapes:
-        parts.append(f"size mismatch for {len(shapes)} entries ({_listed(shapes)})")
-    if missing:
-        parts.append(f"missing {len(missing)} entries ({_listed(missing)})")
-    if unexpected:
-        parts.append(f"unexpected {len(unexpected)} entries ({_listed(unexpected)})")
-    return "; ".join(parts)
+    return state_dict_problems(model.state_dict(), state)
 
 
 def load_model_factory(

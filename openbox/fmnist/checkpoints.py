@@ -302,7 +302,8 @@ def _listed(names: list[str]) -> str:
     return f"{shown} and {more} more" if more > 0 else shown
 
 
-def _fit_problems(expected: Mapping[str, torch.Tensor], found: Mapping[str, torch.Tensor]) -> str:
+def state_dict_problems(expected: Mapping[str, torch.Tensor],
+                        found: Mapping[str, torch.Tensor]) -> str:
     """One line saying how ``found`` differs from ``expected`` (names, shapes); '' if it fits.
 
     ``expected`` may live on the meta device: only names and shapes are read.
@@ -349,7 +350,7 @@ def _rebuild(arch: str, arch_kwargs: dict, num_classes: int, input_shape: tuple[
         skeleton = build_model(arch, num_classes, device="meta", **arch_kwargs)
     except ValueError as exc:
         raise ValueError(printable_text(str(exc))) from exc
-    problems = _fit_problems(skeleton.state_dict(), state_dict)
+    problems = state_dict_problems(skeleton.state_dict(), state_dict)
     if problems:
         raise ValueError(f"state_dict does not fit architecture {arch!r} {arch_kwargs} with "
                          f"{num_classes} classes: {problems}")
