@@ -258,11 +258,21 @@ class MaxPool(Node):
         n_in = prod(self.in_shape)
         return torch.where(self.window < 0, torch.full_like(self.window, n_in), self.window)
 
+    @cached_property
+    def _flat_window(self) -> tuple[Tensor, bool]:
+        """(padded_window flattened to (prod(out_shape) * K,), whether any entry is padding)."""
+        return self.padded_window.reshape(-1), bool((self.window < 0).any())
+
     def gather(self, x: Tensor, fill: float = float("-inf")) -> Tensor:
         """x (N, *in_shape) -> window entries (N, prod(out_shape), K); padding = ``fill``."""
         flat = x.reshape(x.shape[0], -1)
-        flat = torch.cat([flat, flat.new_full((flat.shape[0], 1), fill)], dim=1)
-        return flat[:, self.padded_window]
+        index, padded = self._flat_window
+        if index.device != flat.device:
+            index = index.to(flat.device)
+        if padded:
+            flat = torch.cat([flat, flat.new_full((flat.shape[0], 1), fill)], dim=1)
+        # index_select on the flat window: about 2x faster than advanced indexing on CPU
+        return flat.index_select(1, index).view(x.shape[0], *self.window.shape)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.gather(x).amax(dim=2).reshape(x.shape[0], *self.out_shape)
