@@ -10,6 +10,7 @@ test if it is called.
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import re
@@ -560,12 +561,14 @@ def option_entries(help_text: str) -> dict[str, str]:
 def test_help_of_every_command(capsys, tmp_path):
     proc = run("--help", cwd=tmp_path)  # once through the interpreter, as a user runs it
     assert proc.returncode == 0 and "explain" in proc.stdout
-    for command in ("train", "explain", "verify", "demo", "segment", "plane", "census"):
+    for command in ("train", "explain", "verify", "demo", "segment", "plane", "census",
+                    "equivalent"):
         assert cli.main([command, "--help"]) == 0
         out = capsys.readouterr().out
         assert f"usage: openbox {command}" in out and "--help" in out
         entries = option_entries(out)
-        assert "-h" in entries and "--out" in entries or command in ("verify", "census")
+        assert "-h" in entries and "--out" in entries or command in (
+            "verify", "census", "equivalent")
         for entry in entries.values():
             assert "(default: None)" not in entry and "(default: False)" not in entry, entry
             assert entry.lower().count("default") <= 1, entry
@@ -669,3 +672,25 @@ def test_census_prints_the_tables_and_writes_the_histogram(tiny_model, capsys):
     assert len(rows) - 1 == want.n_regions
     assert main_error(capsys, "census", "--model", "tiny_nets:make", "--weights", "t.pt",
                       "--n", "0").endswith("--n must be >= 1, got 0")
+
+
+def test_equivalent_on_a_segment_finds_a_perturbed_copy(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    model, info = load_checkpoint(DEMO)
+    from openbox.fmnist.checkpoints import save_checkpoint as save
+
+    same = tmp_path / "same.pt"
+    save(same, model, arch=info.arch, arch_kwargs=info.arch_kwargs,
+         num_classes=info.num_classes, metadata=info.metadata)
+    moved = copy.deepcopy(model)
+    with torch.no_grad():
+        moved.fc.weight[0, 0] += 1e-3
+    other = tmp_path / "moved.pt"
+    save(other, moved, arch=info.arch, arch_kwargs=info.arch_kwargs,
+         num_classes=info.num_classes, metadata=info.metadata)
+    assert cli.main(["equivalent", str(DEMO), str(same), "--index", "0", "--to", "1"]) == 0
+    capsys.readouterr()
+    assert cli.main(["equivalent", str(DEMO), str(other), "--index", "0", "--to", "1"]) == 1
+    assert "counterexample" in capsys.readouterr().out
+    assert main_error(capsys, "equivalent", str(DEMO), str(same), "--index", "0",
+                      "--eps", "-1").endswith("--eps must be finite and > 0, got -1.0")
