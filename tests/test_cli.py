@@ -676,21 +676,21 @@ def test_census_prints_the_tables_and_writes_the_histogram(tiny_model, capsys):
 
 def test_equivalent_on_a_segment_finds_a_perturbed_copy(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    model, info = load_checkpoint(DEMO)
     from openbox.fmnist.checkpoints import save_checkpoint as save
+    from openbox.fmnist.models import build_model
 
-    same = tmp_path / "same.pt"
-    save(same, model, arch=info.arch, arch_kwargs=info.arch_kwargs,
-         num_classes=info.num_classes, metadata=info.metadata)
-    moved = copy.deepcopy(model)
-    with torch.no_grad():
-        moved.fc.weight[0, 0] += 1e-3
-    other = tmp_path / "moved.pt"
-    save(other, moved, arch=info.arch, arch_kwargs=info.arch_kwargs,
-         num_classes=info.num_classes, metadata=info.metadata)
-    assert cli.main(["equivalent", str(DEMO), str(same), "--index", "0", "--to", "1"]) == 0
-    capsys.readouterr()
-    assert cli.main(["equivalent", str(DEMO), str(other), "--index", "0", "--to", "1"]) == 1
+    model = build_model("plnn", 10, hidden=[12, 8], seed=0).eval()
+    paths = {}
+    for name, delta in (("a", 0.0), ("same", 0.0), ("moved", 1e-3)):
+        m = copy.deepcopy(model)
+        with torch.no_grad():  # the output bias: a difference everywhere
+            m.fc.bias[0] += delta
+        paths[name] = tmp_path / f"{name}.pt"
+        save(paths[name], m, arch="plnn", arch_kwargs={"hidden": [12, 8]}, num_classes=10)
+    a, same, moved = (str(paths[k]) for k in ("a", "same", "moved"))
+    assert cli.main(["equivalent", a, same, "--index", "0", "--to", "1"]) == 0
+    assert "equivalent" in capsys.readouterr().out.lower()
+    assert cli.main(["equivalent", a, moved, "--index", "0", "--to", "1"]) == 1
     assert "counterexample" in capsys.readouterr().out
-    assert main_error(capsys, "equivalent", str(DEMO), str(same), "--index", "0",
+    assert main_error(capsys, "equivalent", a, same, "--index", "0",
                       "--eps", "-1").endswith("--eps must be finite and > 0, got -1.0")
