@@ -2,7 +2,8 @@
 
 :func:`segment` follows a straight line and returns its exact linear pieces; :func:`plane`
 maps a 2-D slice into exact polygons; :func:`census` counts the regions a dataset falls
-into; :func:`box` finds every region meeting a small box and :func:`equivalent` decides
+into; :func:`counterfactual` finds the nearest point past the decision boundary region by region;
+:func:`box` finds every region meeting a small box and :func:`equivalent` decides
 whether two networks compute the same function there (or on a segment or plane);
 :func:`integrated_gradients` sums the path integral over those pieces (exact IG), also
 behind Captum's interface as :class:`ExactIntegratedGradients`. Every walk builds on
@@ -12,6 +13,7 @@ owner of "a gate row": orientation, slack, rows along a direction).
 
 from openbox.regions.box import BoxRegion, BoxSearch, box
 from openbox.regions.census import Census, census
+from openbox.regions.counterfactual import Counterfactual, counterfactual
 from openbox.regions.equivalence import (
     Equivalence,
     equivalent,
@@ -23,7 +25,8 @@ from openbox.regions.plane import PlaneMap, Polygon, plane
 from openbox.regions.segment import Piece, segment
 
 __all__ = [
-    "BoxRegion", "BoxSearch", "Census", "Equivalence", "ExactIntegratedGradients", "Piece",
-    "PlaneMap", "Polygon", "box", "census", "equivalent", "equivalent_on_plane",
-    "equivalent_on_segment", "integrated_gradients", "plane", "segment",
+    "BoxRegion", "BoxSearch", "Census", "Counterfactual", "Equivalence",
+    "ExactIntegratedGradients", "Piece", "PlaneMap", "Polygon", "box", "census",
+    "counterfactual", "equivalent", "equivalent_on_plane", "equivalent_on_segment",
+    "integrated_gradients", "plane", "segment",
 ]
