@@ -137,7 +137,7 @@ class RegionKey:
     __str__ = digest.fget  # type: ignore[assignment]
 
 
-def _selection_dtype(positions: int) -> np.dtype:
+def selection_dtype(positions: int) -> np.dtype:
     """Unsigned integer wide enough for a window of ``positions`` entries (fixed per node,
     never taken from the data, so that keys do not depend on the batch)."""
     if positions <= 1 << 8:
@@ -206,7 +206,7 @@ class Configuration:
                 parts.append(np.packbits(bits, axis=1))
             else:
                 sel = self.select[k].cpu().numpy()
-                dt = _selection_dtype(self.window_sizes[k])
+                dt = selection_dtype(self.window_sizes[k])
                 parts.append(sel.astype(dt).view(np.uint8).reshape(self.batch_size, -1))
         packed = (
             np.concatenate(parts, axis=1) if parts

@@ -8,10 +8,10 @@ import os
 import sys
 import threading
 import types
-from pathlib import Path
 
 import pytest
 import torch
+from test_models import resave as forge
 
 from openbox.fmnist import checkpoints, models
 from openbox.fmnist.checkpoints import (
@@ -37,19 +37,6 @@ def saved(tmp_path):
                            num_classes=10, metadata={"dataset": "sample", "seed": 0})
 
 
-def forge(src: Path, dst: Path, *, redigest: bool = True, **changes) -> Path:
-    """A copy of ``src`` with record fields replaced (or edited by callables); with
-    ``redigest`` the digest is recomputed, as anyone forging a file can."""
-    record = torch.load(src, weights_only=True)
-    for key, value in changes.items():
-        if callable(value):
-            value(record)
-        else:
-            record[key] = value
-    if redigest:
-        record["sha256"] = record_digest(record)
-    torch.save(record, dst)
-    return dst
 
 
 # --- the digest covers every field -------------------------------------------------------

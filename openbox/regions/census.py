@@ -60,6 +60,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from linearize import MaxPool, ReLU
+from openbox.configuration import selection_dtype
 
 DIGEST_BYTES = 16
 """Bytes of every digest a census stores (BLAKE2b, as :attr:`RegionKey.digest16`)."""
@@ -699,12 +700,6 @@ def _layers(program) -> tuple[Layer, ...]:
     return tuple(out)
 
 
-def _selection_width(layer: Layer, window_sizes: dict[int, int]) -> np.dtype:
-    positions = window_sizes[layer.node]
-    return np.dtype(np.uint8 if positions <= 1 << 8 else np.uint16 if positions <= 1 << 16
-                    else np.uint32)
-
-
 def _patterns(config, layers: tuple[Layer, ...]) -> list[np.ndarray]:
     """Each layer's part of the configuration, per input: (B, ceil(units / 8)) uint8
     packed sign bits for a ReLU layer, (B, units) selections for a max-pool layer."""
@@ -716,7 +711,7 @@ def _patterns(config, layers: tuple[Layer, ...]) -> list[np.ndarray]:
             out.append(np.packbits(bits, axis=1))
         else:
             sel = config.select[layer.node].cpu().numpy()
-            out.append(sel.astype(_selection_width(layer, config.window_sizes)))
+            out.append(sel.astype(selection_dtype(config.window_sizes[layer.node])))
     return out
 
 
