@@ -9,7 +9,7 @@ The program (:class:`Program`) is a list of :class:`Affine`, :class:`ReLU`,
 """
 
 from linearize import passes
-from linearize.compiler import compile  # noqa: A004
+from linearize.compiler import compile, reject_training_mode  # noqa: A004
 from linearize.errors import (
     CompileError,
     LintError,
@@ -47,5 +47,5 @@ __all__ = [
     "Dense", "Evaluator", "Interpreter", "LinearOperator", "LintError", "MaxPool", "Node",
     "NonFiniteParameterError",
     "Offender", "Program", "ReLU", "Reshape", "TrainingModeError", "UnsupportedLayerError",
-    "compile", "passes",
+    "compile", "passes", "reject_training_mode",
 ]

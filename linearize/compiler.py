@@ -92,7 +92,7 @@ def compile(  # noqa: A001  (the public name is fixed by the API contract)
     if not isinstance(model, nn.Module):
         raise TypeError(f"expected a torch.nn.Module, got {type(model).__name__}")
     input_shape = _check_shape(input_shape)
-    _reject_training_mode(model)
+    reject_training_mode(model)
     _reject_hooks(model)
     _reject_non_finite(model)
 
@@ -164,7 +164,9 @@ def _check_shape(input_shape: Sequence[int]) -> tuple[int, ...]:
     return tuple(int(s) for s in entries)
 
 
-def _reject_training_mode(model: nn.Module) -> None:
+def reject_training_mode(model: nn.Module) -> None:
+    """Raise :class:`TrainingModeError` listing every BatchNorm (and Dropout with p > 0)
+    of ``model`` in training mode: such a network is not a fixed piecewise-linear map."""
     offenders = [
         Offender(path, type(m).__name__)
         for path, m in model.named_modules()
