@@ -12,10 +12,11 @@ from openbox.constraints import RadiusPair
 from openbox.engine import Explanation, OpenBox, VerificationReport
 from openbox.geometry import Polytope
 
-_LAZY = ("fmnist", "plotting", "record", "loading", "cli")
+_LAZY = ("explainers", "metrics", "fmnist", "plotting", "record", "loading", "cli")
 """Submodules imported on first attribute access (``openbox.fmnist.load_sample()`` works
 after a plain ``import openbox``) so that the engine does not pay for matplotlib or the
-dataset kit unless they are used."""
+dataset kit unless they are used (``explainers`` and ``metrics`` are light, but their
+adapters load Captum / lime on first use)."""
 
 
 def __getattr__(name: str):

@@ -10,7 +10,8 @@ package imports no optional library: Captum and lime load when a method that nee
 is first used.
 """
 
-from openbox.explainers import exact  # noqa: F401  (registers openbox, openbox-ig)
+import importlib
+
 from openbox.explainers.base import (
     Attribution,
     Explainer,
@@ -24,6 +25,16 @@ from openbox.explainers.base import (
     names,
     register,
 )
+
+METHOD_MODULES = (
+    "exact",                    # openbox, openbox-ig
+    "lime_image",               # lime
+    "meaningful_perturbation",  # meaningful-perturbation
+)
+"""The modules whose classes register on import; :func:`names` lists methods in this order."""
+
+for _module in METHOD_MODULES:
+    importlib.import_module(f"openbox.explainers.{_module}")
 
 __all__ = [
     "Attribution", "Explainer", "ExplainerError", "Output", "Surrogate", "SurrogateSamples",

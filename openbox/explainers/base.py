@@ -81,11 +81,16 @@ class SurrogateSamples:
         inputs: (N, *input_shape) the perturbed inputs in pixel space.
         model: (N,) the model's probability of the target at each.
         surrogate: (N,) the surrogate's prediction at each.
+        features: (N, F) the samples in the method's interpretable features (LIME's binary
+            "segment kept" vectors), or None.
+        weights: (N,) the sample weights the surrogate was fitted with, or None.
     """
 
     inputs: Tensor
     model: Tensor
     surrogate: Tensor
+    features: Tensor | None = None
+    weights: Tensor | None = None
 
 
 @dataclass(frozen=True, eq=False)
