@@ -37,6 +37,7 @@ __all__ = [
     "CONTRIBUTION_UNITS",
     "INPUT_UNITS",
     "WEIGHT_UNITS",
+    "plot_attribution_grid",
     "plot_decision_features",
     "plot_grid",
     "plot_input",
@@ -353,3 +354,98 @@ def plot_segment(pieces, t: np.ndarray, logits: np.ndarray, *, class_names=None,
     ax.set_title(title or f"{len(pieces)} linear pieces; rug: breakpoints; dashed: the "
                  "predicted class changes; top strip: class per piece", fontsize=TITLE_SIZE)
     return fig
+
+
+ATTRIBUTION_INCHES = 1.55  # one panel of the method grid
+ATTRIBUTION_NORMALISED_UNITS = "attribution / max |attribution| of the map"
+
+
+def plot_attribution_grid(
+    images,
+    attributions: dict[str, object],
+    *,
+    targets: Sequence[int] | None = None,
+    predictions: Sequence[int] | None = None,
+    class_names: Sequence[str] | None = None,
+    row_titles: Sequence[str] | None = None,
+    normalise: bool = True,
+    title: str | None = None,
+) -> Figure:
+    """Rows = images, columns = the input then one attribution map per method.
+
+    Every map of a row shares one diverging colour scale centred at 0 (red: evidence for the
+    target, blue: against). Methods differ in units (LIME's per-pixel probability
+    coefficients, logit gradients, Grad-CAM's rectified activations), so with ``normalise``
+    (the default) each map is first divided by its own largest |value|, and the row's
+    scale is [-1, 1]; with ``normalise=False`` the raw values share the row's largest |value|
+    (then a method of small magnitude shows pale). A map that is all zero is drawn white.
+    The colour bar at the end of each row says which.
+
+    Args:
+        images: (B, C, H, W) inputs (C = 1 grey or 3 RGB) as a tensor or array.
+        attributions: method name -> (B, C, H, W) attributions (channels are summed).
+        targets: the class each row explains (in the input panel's title), or None.
+        predictions: the model's predicted class per row, or None.
+        class_names: names indexed by class.
+        row_titles: a line at the left of each row, or None.
+        normalise: divide each map by its own max |value| (see above).
+        title: the figure's title.
+
+    Returns:
+        A Figure with B rows of 1 + len(attributions) panels.
+    """
+    x = _as_batch(images)
+    maps = {name: _as_batch(a).sum(axis=1) for name, a in attributions.items()}
+    n, methods = x.shape[0], list(maps)
+    if n == 0 or not methods:
+        raise ValueError("plot_attribution_grid needs at least one image and one method")
+    for name, a in maps.items():
+        if a.shape != (n, *x.shape[2:]):
+            raise ValueError(f"attributions[{name!r}] has shape "
+                             f"{_as_batch(attributions[name]).shape} for {n} images of shape "
+                             f"{x.shape[1:]}")
+        if not np.isfinite(a).all():
+            raise ValueError(f"attributions[{name!r}] holds NaN or Inf")
+    for label, seq in (("targets", targets), ("predictions", predictions),
+                       ("row_titles", row_titles)):
+        if seq is not None and len(seq) != n:
+            raise ValueError(f"{label} has {len(seq)} entries for {n} images")
+    cols = 1 + len(methods)
+    fig = Figure(figsize=(cols * ATTRIBUTION_INCHES + 0.6,
+                          n * ATTRIBUTION_INCHES + (0.45 if title else 0.2)),
+                 layout="constrained")
+    if title:
+        fig.suptitle(title, fontsize=SUPTITLE_SIZE)
+    grid = np.asarray(fig.subplots(n, cols, squeeze=False))
+    for i in range(n):
+        image = x[i].transpose(1, 2, 0)
+        image = image[..., 0] if image.shape[2] == 1 else image
+        lo, hi = _input_range(image)
+        grid[i, 0].imshow(image, cmap=INPUT_CMAP, vmin=lo, vmax=hi, interpolation="nearest")
+        head = []
+        if targets is not None:
+            head.append(f"target {_class_name(int(targets[i]), class_names)}")
+        if predictions is not None:
+            head.append(f"pred. {_class_name(int(predictions[i]), class_names)}")
+        _plain_axes(grid[i, 0], "\n".join(head) if head else "input")
+        if row_titles is not None:
+            grid[i, 0].set_ylabel(row_titles[i], fontsize=TITLE_SIZE)
+        row = [maps[m][i] for m in methods]
+        if normalise:
+            row = [a / np.abs(a).max() if np.abs(a).max() > 0 else a for a in row]
+        limit = 1.0 if normalise else _limit(*row)
+        for j, (name, a) in enumerate(zip(methods, row), start=1):
+            im = grid[i, j].imshow(a, cmap=DIVERGING_CMAP, vmin=-limit, vmax=limit,
+                                   interpolation="nearest")
+            _plain_axes(grid[i, j], name if i == 0 else "")
+        _colorbar(grid[i, -1], im, ATTRIBUTION_NORMALISED_UNITS if normalise else "attribution")
+    return fig
+
+
+def _as_batch(t) -> np.ndarray:
+    """A (B, C, H, W) tensor or array as float64 numpy."""
+    a = np.asarray(t.detach().cpu().double().numpy() if hasattr(t, "detach") else t,
+                   dtype=np.float64)
+    if a.ndim != 4:
+        raise ValueError(f"expected a (B, C, H, W) batch, got shape {a.shape}")
+    return a
