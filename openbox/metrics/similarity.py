@@ -31,17 +31,20 @@ def cosine(a: Tensor, b: Tensor, *, zero: float | None = None) -> Tensor:
     a, b = check_pair(a, b)
     a = a.reshape(a.shape[0], -1).double()
     b = b.reshape(b.shape[0], -1).double()
-    na, nb = a.norm(dim=1), b.norm(dim=1)
-    bad = (na == 0) | (nb == 0)
+    # scale each map by its largest |entry| first: the norms of tiny (or huge) maps
+    # underflow (overflow) otherwise
+    ma, mb = a.abs().amax(1), b.abs().amax(1)
+    bad = (ma == 0) | (mb == 0)
     if bool(bad.any()) and zero is None:
         raise ValueError(
             f"cosine is undefined for all-zero maps: inputs {bad.nonzero().flatten().tolist()[:10]}"
             " (pass zero=<value> to give them a value)"
         )
-    # scale first: <a, b> / (|a| |b|) underflows or overflows for tiny or huge maps otherwise
-    safe_a = torch.where(bad, 1.0, na).unsqueeze(1)
-    safe_b = torch.where(bad, 1.0, nb).unsqueeze(1)
-    cos = ((a / safe_a) * (b / safe_b)).sum(1).clamp(-1.0, 1.0)
+    a = a / torch.where(bad, 1.0, ma).unsqueeze(1)
+    b = b / torch.where(bad, 1.0, mb).unsqueeze(1)
+    na = torch.where(bad, 1.0, a.norm(dim=1)).unsqueeze(1)
+    nb = torch.where(bad, 1.0, b.norm(dim=1)).unsqueeze(1)
+    cos = ((a / na) * (b / nb)).sum(1).clamp(-1.0, 1.0)
     if bool(bad.any()):
         cos = torch.where(bad, torch.as_tensor(float(zero), dtype=cos.dtype), cos)
     return cos
