@@ -302,3 +302,13 @@ def test_lrp_graph_form():
     assert leaves == {nn.Conv2d, nn.ReLU, nn.MaxPool2d, nn.Linear}
     gm = lrp_graph(tiny_cnn())
     assert {type(m) for m in gm.modules() if not list(m.children())} == leaves
+
+
+def test_a_fold_that_changes_the_function_is_caught():
+    """BatchNorm1d after a Linear on (B, L, F) inputs normalises L, not the Linear's features:
+    fold_batch_norm cannot see shapes, and the explainer's check on random inputs refuses it."""
+    model = randomize_(nn.Sequential(OrderedDict(
+        fc=nn.Linear(4, 4), bn=nn.BatchNorm1d(4), flatten=nn.Flatten(), head=nn.Linear(16, 3),
+    )), 0).eval()
+    with pytest.raises(explainers.ExplainerError, match="lrp: the canonized model .* differs"):
+        explainers.get("lrp", model, input_shape=(4, 4))

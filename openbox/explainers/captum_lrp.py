@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from linearize.tolerances import within
 from openbox.explainers.base import Explainer, ExplainerError, Output, register, require
 from openbox.explainers.canonize import BN_RULE_LAYERS, RULE_LAYERS, lrp_graph
 
@@ -67,9 +68,25 @@ class LRP(Explainer):
                                    keep_unfoldable_bn=bool(self.config["keep_unfoldable_bn"]))
         for p in self.lrp_model.parameters():
             p.requires_grad_(False)
+        self._check_canonized()
         self._rule_layers = [m for m in self.lrp_model.modules()
                              if isinstance(m, RULE_LAYERS + BN_RULE_LAYERS)]
         self._lrp = attr.LRP(self.lrp_model)
+
+    def _check_canonized(self) -> None:
+        """The canonized copy must compute the model's function (to the compiler's exactness
+        bound of the dtype) on a seeded random batch of 2 inputs in [0, 1]."""
+        g = torch.Generator().manual_seed(0)
+        x = torch.rand(2, *self.input_shape, generator=g).to(dtype=self.dtype,
+                                                              device=self.device)
+        with torch.no_grad():
+            want, got = self.model(x), self.lrp_model(x)
+        if got.shape != want.shape or not bool(within(got, want).all()):
+            err = (got - want).abs().max().item() if got.shape == want.shape else got.shape
+            raise ExplainerError(
+                f"{self.name}: the canonized model (batch-norms folded) differs from the model "
+                f"by {err} on random inputs; expected the same outputs to rounding"
+            )
 
     def _attribute(self, x: Tensor, target: Tensor, seed: int) -> Output:
         # Captum deletes every layer's ``rule`` after each call: attach them again.
