@@ -87,3 +87,33 @@ def test_mprt_agrees_with_quantus(abs_):
     for k, name in enumerate(layers):
         assert np.allclose(rho[:, k].numpy(), theirs[name], rtol=0, atol=1e-12), name
     assert float(rho.abs().max()) < 0.99             # the maps did change
+
+
+def test_deletion_curve_agrees_with_quantus_pixel_flipping():
+    # PixelFlipping's predictions after each step of ``features_in_step`` elements are our
+    # deletion curve without its first point (no ties in the map: Quantus's argsort is not
+    # stable, ours is); its AUC (unit spacing, no step 0) is not our deletion_auc
+    model = tiny_cnn().double()
+    x = inputs(3, seed=8).double()
+    y = torch.tensor([1, 2, 0])
+    ex = GradSaliency(model, SHAPE, dtype=torch.float64)
+    a = ex.explain(x, y).attribution
+    d = int(np.prod(SHAPE))
+    ours = metrics.faithfulness(model, x, a, y, steps=d // 12, baseline=0.25)
+    q = quantus.PixelFlipping(features_in_step=12, perturb_baseline=0.25, normalise=False,
+                              abs=False, disable_warnings=True, display_progressbar=False)
+    # Quantus's predict casts inputs to float32: a wrapper casts them back
+    theirs = q(model=_Float64(ex.model).eval(), x_batch=x.numpy(), y_batch=y.numpy(),
+               a_batch=a.numpy(), explain_func=_explain_func(GradSaliency), softmax=True,
+               device="cpu")
+    assert np.allclose(ours.deletion[:, 1:].numpy(), np.asarray(theirs), rtol=0, atol=1e-12)
+    assert float((ours.deletion[:, 0] - ours.deletion[:, -1]).abs().min()) > 1e-3
+
+
+class _Float64(torch.nn.Module):
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x):
+        return self.model(x.double())
