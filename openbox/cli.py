@@ -1,4 +1,5 @@
-"""The ``openbox`` command line: train, explain, verify, demo.
+"""The ``openbox`` command line: train, explain, verify, segment, plane, census, equivalent,
+compare, demo.
 
 Exit codes (scripts may rely on them):
 
@@ -822,6 +823,86 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return EXIT_OK if all_ok else EXIT_FAILED
 
 
+# --- compare ------------------------------------------------------------------------------
+
+COMPARE_OUT = "openbox-compare"
+COMPARE_FILES = ("compare.png", "compare.md", "compare.csv")
+COMPARE_DEFAULT_N = 4
+
+
+def _methods(spec: str) -> list[str]:
+    from openbox import explainers
+
+    if spec == "all":
+        return list(explainers.names())
+    names = [s.strip() for s in spec.split(",") if s.strip()]
+    unknown = [n for n in names if n not in explainers.names()]
+    if unknown or not names:
+        raise UsageError(f"--methods: unknown method(s) {', '.join(unknown) or '(none given)'}; "
+                         f"the methods are: all, {', '.join(explainers.names())}")
+    return names
+
+
+def _measures(spec: str) -> list[str]:
+    from openbox.comparison import MEASURES
+
+    if spec == "all":
+        return list(MEASURES)
+    names = [s.strip() for s in spec.split(",") if s.strip()]
+    unknown = [n for n in names if n not in MEASURES]
+    if unknown:
+        raise UsageError(f"--measures: unknown measure(s) {', '.join(unknown)}; the measures "
+                         f"are: all, {', '.join(MEASURES)}")
+    return names
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from openbox.comparison import compare
+
+    methods = _methods(args.methods)
+    measures = _measures(args.measures)
+    out = _check_out_dir(args.out)
+    if args.n is not None and args.n < 1:
+        raise UsageError(f"--n must be >= 1, got {args.n}")
+    m = _load_model(args)
+    ds, where = _test_images(args.data, args.download)
+    _check_input_shape(m, tuple(ds.images.shape[1:]), where)
+    if args.index is not None:
+        _check_index(args.index, len(ds), where)
+        index = [args.index]
+    else:
+        n = COMPARE_DEFAULT_N if args.n is None else args.n
+        if n > len(ds):
+            raise UsageError(f"--n {n} asks for more images than {where} holds ({len(ds):,})")
+        g = torch.Generator().manual_seed(args.seed)
+        index = sorted(torch.randperm(len(ds), generator=g)[:n].tolist())
+    names = _class_names(m, ds)
+    x = ds.images[index].float()
+    _say(f"comparing {len(methods)} methods on {m.description}: {len(index)} image"
+         f"{'s' * (len(index) != 1)} of {where} (indices {index[:10]}"
+         f"{' ...' if len(index) > 10 else ''}; seed {args.seed}); measures: "
+         f"{', '.join(measures)}")
+
+    def done(report):
+        extra = f", {len(report.errors)} measure(s) not applicable" if report.errors else ""
+        tqdm.write(f"  {report.name}: {report.seconds:.4g} s per explanation{extra}",
+                   file=sys.stderr)
+
+    c = compare(m.model, x, input_shape=m.input_shape, methods=methods, measures=measures,
+                reference=ds.images.float() if "consistency" in measures else None,
+                index=index, seed=args.seed, progress=True, on_method=done)
+    _make_dir(out)
+    figure = _save(c.plot(class_names=names, title=f"{m.description}: attributions of the "
+                          "target class (each map scaled by its max |value|)"),
+                   out / COMPARE_FILES[0])
+    table = c.to_markdown()
+    (out / COMPARE_FILES[1]).write_text(table + "\n")
+    c.to_csv(out / COMPARE_FILES[2])
+    _say(table)
+    _say(f"wrote {figure}, {out / COMPARE_FILES[1]} and {out / COMPARE_FILES[2]}")
+    return EXIT_OK
+
+
 # --- parser ------------------------------------------------------------------------------
 
 
@@ -1043,6 +1124,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=cmd_equivalent)
 
     shown = ", ".join(CLASSES[c] for c in DEMO_CLASSES)
+    p = sub.add_parser(
+        "compare", formatter_class=_Formatter,
+        help="every explainer side by side on test images: a grid figure and a metric table",
+        description="Explain test images with openbox's exact methods and the approximate "
+                    "ones (LIME, SHAP, gradients, CAMs, LRP, ...) and measure each: "
+                    "exactness, local fidelity, seed stability, consistency, faithfulness, "
+                    "randomisation and sensitivity, with the time per explanation. Writes "
+                    + ", ".join(COMPARE_FILES) + " to --out.",
+    )
+    _add_model(p)
+    _add_data(p)
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--index", type=int, help="one image index in the test split")
+    which.add_argument("--n", type=int, default=None,
+                       help=f"number of images, drawn at random with --seed (default "
+                            f"{COMPARE_DEFAULT_N})")
+    p.add_argument("--methods", default="all", metavar="all|NAME[,NAME...]",
+                   help="methods to compare")
+    p.add_argument("--measures", default="all", metavar="all|NAME[,NAME...]",
+                   help="measures to compute")
+    p.add_argument("--seed", type=int, default=0, help="seeds the image draw, every sampling "
+                   "method and every measure")
+    p.add_argument("--out", default=COMPARE_OUT, metavar="DIR", help="output folder (created)")
+    p.set_defaults(run=cmd_compare)
+
     p = sub.add_parser(
         "demo", help="offline demo on the packaged model and sample images",
         formatter_class=_Formatter,

@@ -26,7 +26,7 @@ ALLOWED: dict[str, set[str]] = {
                 "metrics", "fmnist", "faces"},
 }
 CORE = {"engine", "configuration", "linear_maps", "constraints", "features"}
-FACES = {"cli", "plotting", "record", "loading"}
+FACES = {"cli", "plotting", "record", "loading", "comparison"}
 # third-party imports confined to some groups
 CONFINED = {
     "torch": {"linearize", "tolerances", "core", "regions", "explainers", "metrics", "fmnist",

@@ -413,3 +413,30 @@ def test_sensitivity_is_zero_for_a_constant_map_and_matches_a_direct_loop(lin, c
         metrics.sensitivity(sal, x, 2, radius=0.0)
     with pytest.raises(ValueError, match="target"):
         metrics.sensitivity(sal, x, 7)
+
+
+class HalfZero(Explainer):
+    """Zero map for input 0, the gradient for the others (deterministic); not registered."""
+
+    name = "test-half-zero"
+
+    def _attribute(self, x, target, seed):
+        g = _grad(self.model, x, target)
+        g[0] = 0
+        return Output(g)
+
+
+def test_sensitivity_of_an_all_zero_map_raises_or_takes_the_given_value(cnn, x):
+    ex = HalfZero(cnn, SHAPE, dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"undefined for an all-zero map \(inputs \[0\]\)"):
+        metrics.sensitivity(ex, x, 1, n=2)
+    s = metrics.sensitivity(ex, x, 1, n=2, zero=float("nan"))
+    assert torch.isnan(s[0]) and bool(torch.isfinite(s[1:]).all())
+    # the other inputs keep their ratio, against a direct loop over the same points
+    ys = metrics.uniform_ball(x, 0.02, 2, 0)
+    sal = GradSaliency(cnn, SHAPE, dtype=torch.float64)
+    phi = sal.explain(x, 1).attribution
+    for b in (1, 2):
+        ratios = [float((sal.explain(ys[i, b : b + 1], 1).attribution[0] - phi[b]).norm()
+                        / phi[b].norm()) for i in range(2)]
+        assert abs(s[b].item() - max(ratios)) <= 1e-12

@@ -29,6 +29,11 @@ from openbox.explainers.base import (
 METHOD_MODULES = (
     "exact",                    # openbox, openbox-ig
     "lime_image",               # lime
+    "captum_perturbation",      # lime-patches, kernelshap, occlusion
+    "captum_gradients",         # saliency, input-x-gradient, integrated-gradients, smoothgrad,
+                                # guided-backprop, deconvolution, deeplift
+    "captum_lrp",               # lrp
+    "captum_cam",               # gradcam, guided-gradcam, cam
     "meaningful_perturbation",  # meaningful-perturbation
 )
 """The modules whose classes register on import; :func:`names` lists methods in this order."""

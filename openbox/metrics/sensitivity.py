@@ -22,7 +22,7 @@ def uniform_ball(x: Tensor, radius: float, n: int, seed: int) -> Tensor:
 
 
 def sensitivity(explainer: Explainer, x: Tensor, target, *, radius: float = 0.02, n: int = 10,
-                seed: int = 0) -> Tensor:
+                seed: int = 0, zero: float | None = None) -> Tensor:
     """Max-sensitivity: the largest relative change of the map under small uniform noise.
 
         S_b = max_i ||Phi(y_{i,b}) - Phi(x_b)||_2 / ||Phi(x_b)||_2
@@ -39,12 +39,14 @@ def sensitivity(explainer: Explainer, x: Tensor, target, *, radius: float = 0.02
         radius: r > 0.
         n: samples per input (>= 1).
         seed: seed of the samples.
+        zero: the value for an input whose Phi(x_b) is all zeros (the ratio is undefined
+            there). None (the default): raise.
 
     Returns:
         (B,) float64.
 
     Raises:
-        ValueError: Phi(x_b) is all zeros (the ratio is undefined; naming the inputs), bad
+        ValueError: Phi(x_b) is all zeros and ``zero`` is None (naming the inputs), bad
             radius / n / shapes / targets.
     """
     if not isinstance(explainer, Explainer):
@@ -58,12 +60,15 @@ def sensitivity(explainer: Explainer, x: Tensor, target, *, radius: float = 0.02
     target = explainer.check_target(target, x.shape[0])
     phi = explainer.explain(x, target).attribution.reshape(x.shape[0], -1).double()
     norm = phi.norm(dim=1)
-    if bool((norm == 0).any()):
+    undefined = norm == 0
+    if bool(undefined.any()) and zero is None:
         raise ValueError(f"{explainer.name}: sensitivity is undefined for an all-zero map "
                          f"(inputs {(norm == 0).nonzero().flatten().tolist()[:10]})")
     ys = uniform_ball(x, radius, n, seed)
     worst = torch.zeros(x.shape[0], dtype=torch.float64, device=x.device)
     for y in ys:
         phi_y = explainer.explain(y, target).attribution.reshape(x.shape[0], -1).double()
-        worst = torch.maximum(worst, (phi_y - phi).norm(dim=1) / norm)
+        worst = torch.maximum(worst, (phi_y - phi).norm(dim=1) / torch.where(undefined, 1.0, norm))
+    if bool(undefined.any()):
+        worst = torch.where(undefined, torch.as_tensor(float(zero), dtype=worst.dtype), worst)
     return worst
