@@ -49,9 +49,14 @@ def main(argv=None) -> int:
         target = model(x).argmax(1)
     print(f"# seconds per explanation: {what}, {args.n} images, {args.repeats} repeats, "
           f"{torch.get_num_threads()} torch threads", flush=True)
-    rows = []
+    rows, skipped = [], []
     for name in names:
-        ex = explainers.get(name, model, input_shape=INPUT_SHAPE, progress=False)
+        try:
+            ex = explainers.get(name, model, input_shape=INPUT_SHAPE, progress=False)
+        except explainers.UnsupportedModelError as err:   # e.g. cam without a GAP head
+            skipped.append((name, str(err).split(";")[0]))
+            print(f"  {name:<24} not applicable: {skipped[-1][1]}", file=sys.stderr, flush=True)
+            continue
         ex.explain(x[:1], target[:1])                     # warm-up (imports, caches)
         times = []
         for r in range(args.repeats):
@@ -67,6 +72,8 @@ def main(argv=None) -> int:
     for name, lo, med, batched in rows:
         ratio = f"{lo / unit:.2f}" if unit else "n/a"
         print(f"| {name} | {'yes' if batched else 'no'} | {lo:.4f} | {med:.4f} | {ratio} |")
+    for name, why in skipped:
+        print(f"| {name} | | not applicable: {why} | | |")
     return 0
 
 
