@@ -264,6 +264,7 @@ def _expected_errors() -> tuple[type[BaseException], ...]:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from openbox.fmnist import training
+    from openbox.fmnist.tasks import binary_task, get_task
 
     kwargs: dict[str, Any] = {}
     if args.channels is not None:
@@ -279,30 +280,56 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.epochs < 1 or args.batch_size < 1 or not (args.lr > 0 and math.isfinite(args.lr)):
         raise UsageError("--epochs and --batch-size must be >= 1 and --lr finite and > 0, got "
                          f"{args.epochs}, {args.batch_size} and {args.lr}")
+    if not (args.l1 >= 0 and math.isfinite(args.l1)):
+        raise UsageError(f"--l1 must be a finite number >= 0, got {args.l1}")
+    try:
+        task = None if args.task is None else get_task(args.task)
+    except ValueError as exc:
+        raise UsageError(f"--task: {exc}") from exc
+    num_classes = len(CLASSES) if task is None else len(task.classes)
     device = _train_device(args.device)
     try:
-        model = build_model(args.model, len(CLASSES), seed=args.seed, **kwargs)
+        model = build_model(args.model, num_classes, seed=args.seed, **kwargs)
     except ValueError as exc:
         raise UsageError(f"cannot build model {args.model!r} with {kwargs}: {exc}") from exc
+    nonnegative = _nonnegative_layers(args.nonnegative, model, args.model)
+    if args.l1 > 0 and not nonnegative:
+        raise UsageError(f"--l1 {args.l1:g} penalises the weights of the --nonnegative layers; "
+                         "give --nonnegative all-but-first (the paper's PLNN-NS) or "
+                         "--nonnegative NAME[,NAME]")
+    try:
+        training.check_constraints(model, l1=args.l1, nonnegative=nonnegative)
+    except ValueError as exc:
+        raise UsageError(f"--nonnegative {args.nonnegative}: {exc}") from exc
     train_set = load_fashion_mnist("train", args.data, download=args.download)
     test_set = load_fashion_mnist("test", args.data, download=args.download)
+    folder = train_set.source.rsplit(" (", 1)[0]
+    if task is not None:
+        train_set, test_set = binary_task(train_set, task), binary_task(test_set, task)
     for split, ds in (("training", train_set), ("test", test_set)):
         if len(ds) == 0:
             raise UsageError(f"the {split} split ({ds.source}) holds no images")
+    on_task = "" if task is None else f" of task {task.name} ({task.description})"
+    constrained = ""
+    if nonnegative:
+        constrained = f"; weights >= 0 in {', '.join(nonnegative)}"
+        constrained += f", L1 {args.l1:g} on them" if args.l1 > 0 else ""
     _say(f"{args.model} {kwargs or '(default options)'}: {count_parameters(model):,} parameters;"
-         f" {len(train_set):,} training / {len(test_set):,} test images from "
-         f"{train_set.source.rsplit(' (', 1)[0]}")
+         f" {len(train_set):,} training / {len(test_set):,} test images{on_task} from "
+         f"{folder}{constrained}")
     started = time.perf_counter()
     result = training.train(model, train_set, test_set, epochs=args.epochs,
                             batch_size=args.batch_size, lr=args.lr, seed=args.seed,
-                            device=device, progress=True)
+                            device=device, progress=True, l1=args.l1, nonnegative=nonnegative)
     seconds = time.perf_counter() - started
     written = save_checkpoint(
         out, model.to("cpu"), arch=args.model, arch_kwargs=kwargs,
-        num_classes=len(CLASSES),
+        num_classes=num_classes,
         metadata={
             "dataset": train_set.source,
             "classes": list(train_set.classes),
+            "task": None if task is None else task.name,
+            "task_classes": None if task is None else list(task.classes),
             "train_images": len(train_set),
             "test_images": len(test_set),
             "train_accuracy": result.train_accuracy[-1],
@@ -311,6 +338,9 @@ def cmd_train(args: argparse.Namespace) -> int:
             "batch_size": args.batch_size,
             "lr": args.lr,
             "optimizer": "Adam",
+            "l1": float(args.l1),
+            "l1_layers": [] if args.l1 == 0 else list(nonnegative),
+            "nonnegative": list(nonnegative),
             "seed": args.seed,
             "seconds": seconds,
             "threads": torch.get_num_threads(),
@@ -321,6 +351,29 @@ def cmd_train(args: argparse.Namespace) -> int:
          f"{result.final_test_accuracy:.4f} after {args.epochs} epoch(s) in {seconds:.1f} s")
     _say(f"wrote {written}")
     return EXIT_OK
+
+
+ALL_BUT_FIRST = "all-but-first"  # --nonnegative: the paper's PLNN-NS layers
+
+
+def _nonnegative_layers(value: str | None, model: torch.nn.Module, arch: str) -> tuple[str, ...]:
+    """``--nonnegative`` as module names: ``all-but-first`` (every weight layer but the
+    first, :func:`openbox.fmnist.training.plnn_ns_layers`) or ``NAME[,NAME]``."""
+    from openbox.fmnist import training
+
+    if value is None:
+        return ()
+    if value.strip() == ALL_BUT_FIRST:
+        try:
+            return training.plnn_ns_layers(model)
+        except ValueError as exc:
+            raise UsageError(f"--nonnegative {ALL_BUT_FIRST} with --model {arch}: {exc}") \
+                from exc
+    names = [name.strip() for name in value.split(",")]
+    if not all(names):
+        raise UsageError(f"--nonnegative {value!r}: expected {ALL_BUT_FIRST} or module names "
+                         "separated by commas (e.g. fc2,fc3,fc), found an empty name")
+    return tuple(names)
 
 
 # --- explain and verify: the model ---------------------------------------------------------
@@ -890,7 +943,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
     c = compare(m.model, x, input_shape=m.input_shape, methods=methods, measures=measures,
                 reference=ds.images.float() if "consistency" in measures else None,
-                index=index, seed=args.seed, progress=True, on_method=done)
+                index=index, seed=args.seed, progress=True, on_method=done,
+                skip_unsupported=args.methods == "all")
     _make_dir(out)
     figure = _save(c.plot(class_names=names, title=f"{m.description}: attributions of the "
                           "target class (each map scaled by its max |value|)"),
@@ -960,13 +1014,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
+    from openbox.fmnist.tasks import TASK_NAMES, TASKS
+
     p = sub.add_parser(
         "train", help="train a reference model on Fashion-MNIST and save a checkpoint",
         formatter_class=_Formatter,
         description="Train a model from openbox.fmnist.models on the full Fashion-MNIST training "
                     "split (seeded Adam), report train and test accuracy, save a checked "
                     "checkpoint.\n\nData folder: --data DIR, else $OPENBOX_DATA_DIR, else the "
-                    "user cache (~/.cache/openbox/fashion-mnist).\n\nModels:\n"
+                    "user cache (~/.cache/openbox/fashion-mnist).\n\nThe paper's PLNN-NS on "
+                    "FMNIST-1 (784-256-128-100-2, Adam): --model plnn --task fmnist-1 --epochs "
+                    "10 --batch-size 1000 --nonnegative all-but-first --l1 X.\n\nModels:\n"
                     + describe_models(),
     )
     p.add_argument("--model", choices=MODEL_NAMES, default="cnn", help="architecture")
@@ -990,6 +1048,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-batch-norm", action="store_true", help="leave out BatchNorm (cnn, gap)")
     p.add_argument("--device", default="cpu",
                    help="torch device to train on (cpu, cuda, cuda:1, mps)")
+    p.add_argument("--task", choices=TASK_NAMES, default=None,
+                   help="train a 2-class model on one of the OpenBox paper's binary tasks "
+                        "(train and test splits alike): "
+                        + "; ".join(f"{t.name}: {t.description}" for t in TASKS.values()))
+    p.add_argument("--l1", type=float, default=0.0, metavar="X",
+                   help="add X * sum |w| over the weights (not biases) of the --nonnegative "
+                        "layers to the loss (sparsity; needs --nonnegative)")
+    p.add_argument("--nonnegative", default=None, metavar="all-but-first|NAME[,NAME]",
+                   help="keep these layers' weights >= 0 (projected after every Adam step): "
+                        "all-but-first = every Linear/Conv layer but the first (the paper's "
+                        "PLNN-NS: fc2,fc3,fc for plnn), or module names, e.g. fc3,fc")
     p.set_defaults(run=cmd_train)
 
     p = sub.add_parser(

@@ -98,6 +98,7 @@ class Comparison:
     reference_size: int | None
     measures: tuple[str, ...]
     index: Sequence[int] | None = None
+    skipped: dict[str, str] = field(default_factory=dict)
 
     def columns(self) -> list[str]:
         """The table's value columns, in order (only those some method has)."""
@@ -147,6 +148,7 @@ class Comparison:
             if self.reference_size else ""
         lines.append("")
         lines.append(f"Medians over {n} image{'s' * (n != 1)}{ref}; seconds per explanation.")
+        notes += [f"- {name}: not applicable: {why}" for name, why in self.skipped.items()]
         return "\n".join(lines + notes)
 
     def to_csv(self, path: str | Path) -> Path:
@@ -190,6 +192,7 @@ def compare(
     seed: int = 0,
     progress: bool = True,
     on_method: Callable[[MethodReport], None] | None = None,
+    skip_unsupported: bool = False,
 ) -> Comparison:
     """Explain ``images`` with every method and compute every measure.
 
@@ -207,6 +210,9 @@ def compare(
         seed: the seed of every method and measure.
         progress: tqdm bars on stderr.
         on_method: called with each method's report as soon as it is complete.
+        skip_unsupported: a method that cannot handle the model (CAM without a global-
+            average-pool head, ...) is listed in ``Comparison.skipped`` with the reason
+            instead of raising :class:`~openbox.explainers.UnsupportedModelError`.
 
     Raises:
         ValueError: an unknown method or measure, or consistency without a reference.
@@ -224,12 +230,18 @@ def compare(
     with torch.no_grad():
         predictions = model(x.to(next(model.parameters()).dtype)).argmax(1)
     t = predictions.clone() if targets is None else torch.as_tensor(targets).to(torch.int64)
-    reports = []
+    reports, skipped = [], {}
     bar = tqdm(methods, desc="methods", unit="method", disable=not progress, leave=False)
     for name in bar:
         bar.set_postfix_str(name)
-        ex = explainers.get(name, model, input_shape=input_shape, seed=seed, progress=False,
-                            **options.get(name, {}))
+        try:
+            ex = explainers.get(name, model, input_shape=input_shape, seed=seed,
+                                progress=False, **options.get(name, {}))
+        except explainers.UnsupportedModelError as err:
+            if not skip_unsupported:
+                raise
+            skipped[name] = str(err)
+            continue
         start = time.perf_counter()
         r = ex.explain(x, t)
         seconds = (time.perf_counter() - start) / x.shape[0]
@@ -246,7 +258,7 @@ def compare(
             on_method(report)
     return Comparison(x, t, predictions, tuple(reports),
                       None if reference is None else int(reference.shape[0]), tuple(measures),
-                      None if index is None else list(index))
+                      None if index is None else list(index), skipped)
 
 
 def _measure(measure: str, ex, r, model, x, t, reference, seed) -> dict[str, Tensor]:

@@ -103,14 +103,19 @@ def test_bad_requests_are_refused():
         compare(model, inputs(1), input_shape=SHAPE, methods=["salincy"], measures=["exactness"])
 
 
-def test_a_method_that_cannot_handle_the_model_is_noted_not_dropped():
-    """cam on a model without a GAP head: explain itself fails, which is an error of the
-    whole comparison (the user asked for cam), named."""
+def test_a_method_that_cannot_handle_the_model_is_an_error_or_a_note():
+    """cam on a model without a GAP head: an error when asked for by name; with
+    skip_unsupported (``--methods all``) a note with the reason, the others still run."""
     from tests._explainer_models import tiny_cnn
 
     with pytest.raises(explainers.UnsupportedModelError, match="cam"):
         compare(tiny_cnn(), inputs(1), input_shape=SHAPE, methods=["cam"],
                 measures=["exactness"], progress=False)
+    c = compare(tiny_cnn(), inputs(1), input_shape=SHAPE, methods=["cam", "saliency"],
+                measures=["faithfulness"], progress=False, skip_unsupported=True)
+    assert [r.name for r in c.reports] == ["saliency"]
+    assert "global-average-pool" in c.skipped["cam"]
+    assert "- cam: not applicable: cam: needs a global-average-pool head" in c.to_markdown()
 
 
 # ----------------------------------------------------------------------------- CLI
