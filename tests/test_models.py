@@ -17,7 +17,7 @@ from openbox.fmnist.models import INPUT_SHAPE, MODEL_NAMES, MODELS, build_model,
 from openbox.fmnist.training import TrainingDivergedError, TrainResult, evaluate, train
 
 PIECEWISE_LINEAR = (nn.Sequential, nn.Linear, nn.Conv2d, nn.BatchNorm1d, nn.BatchNorm2d, nn.ReLU,
-                    nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.Flatten)
+                    nn.LeakyReLU, nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.Flatten)
 DEMO_CHECKPOINT = Path(models.__file__).parent / "_data" / "demo-cnn.pt"
 TRAIN_ROWS = 800  # sample rows used for training; the other 200 are held out
 TRAIN_FLOOR = 0.4  # one short epoch must beat chance (0.1) by a real margin

@@ -2,9 +2,10 @@
 
 Every model is a flat ``nn.Sequential`` with named layers (``conv1``, ``bn1``,
 ``relu1``, ``pool1``, ..., ``fc``) made only of ``Linear``, ``Conv2d``,
-``BatchNorm1d/2d``, ``ReLU``, ``MaxPool2d``, ``AvgPool2d``, ``AdaptiveAvgPool2d`` and
-``Flatten``, so ``linearize.compile`` handles all of them. Input: float ``(B, 1, 28, 28)``
-with pixels in ``[0, 1]``; output: logits ``(B, num_classes)``.
+``BatchNorm1d/2d``, ``ReLU``, ``LeakyReLU``, ``MaxPool2d``, ``AvgPool2d``,
+``AdaptiveAvgPool2d`` and ``Flatten``, so ``linearize.compile`` handles all of them.
+Input: float ``(B, 1, 28, 28)`` with pixels in ``[0, 1]``; output: logits
+``(B, num_classes)``.
 
 =========  ==================================================================
 ``plnn``   the OpenBox paper's fully connected ReLU net, 784-256-128-100-C
@@ -13,6 +14,18 @@ with pixels in ``[0, 1]``; output: logits ``(B, num_classes)``.
 ``gap``    3 x [conv3x3 - BN - ReLU] (maxpool after the first two) - global
            average pool - linear (class activation maps apply)
 =========  ==================================================================
+
+Variants of ``cnn`` of the same size (16, 32 channels, one change each), for comparing
+how the architecture shapes the linear regions:
+
+=================  ==========================================================
+``cnn-poolfirst``  2 x [conv3x3 - BN - maxpool2 - ReLU] - linear (same function
+                   class as ``cnn``: max-pool and ReLU commute; other gates)
+``cnn-avg``        2 x [conv3x3 - BN - ReLU - avgpool2] - linear
+``cnn-strided``    2 x [conv3x3 stride 2 - BN - ReLU] - linear (no pooling)
+``cnn-nobn``       2 x [conv3x3 - ReLU - maxpool2] - linear (no batch-norm)
+``cnn-leaky``      2 x [conv3x3 - BN - LeakyReLU(0.1) - maxpool2] - linear
+=================  ==========================================================
 
 ``build_model(name, num_classes=10, **kwargs)`` builds one; ``MODELS[name].description``
 says in one line what it is, with its parameter count at the default settings.
@@ -67,6 +80,8 @@ LENET_HIDDEN = (120, 84)
 GAP_CHANNELS = (16, 32, 64)
 GAP_MAX_STAGES = 5  # 28 -> 14 -> 7 -> 3 -> 1 after four poolings, then the last conv
 POOL_KINDS = ("max", "avg")
+STRIDE = 2  # stride of cnn-strided's convolutions: 28 -> 14 -> 7, as two 2x2 poolings
+LEAKY_SLOPE = 0.1  # negative slope of cnn-leaky's LeakyReLU
 
 MAX_PARAMETERS = 50_000_000
 """Most scalars (parameters and buffers) a model may hold: 200 MB of float32, ~2,000 times
@@ -235,6 +250,112 @@ def gap(num_classes: int = DEFAULT_NUM_CLASSES, *, channels: Sequence[int] = GAP
     return nn.Sequential(layers)
 
 
+def _check_slope(negative_slope: Any) -> float:
+    if (isinstance(negative_slope, bool) or not isinstance(negative_slope, numbers.Real)
+            or not 0.0 < float(negative_slope) < 1.0):
+        raise ValueError(f"negative_slope must be a number in (0, 1), got {negative_slope!r}")
+    return float(negative_slope)
+
+
+def _cnn_stack(num_classes: int, channels: Sequence[int], *, batch_norm: bool,
+               pool: str | None, pool_first: bool = False,
+               negative_slope: float = 0.0) -> nn.Sequential:
+    """``cnn`` and its variants: per width c, ``conv3x3 -> [BN] -> act -> pool`` (or
+    ``pool -> act`` when ``pool_first``; ``pool=None``: a stride-2 conv, no pooling),
+    then ``Flatten -> Linear``. ``act`` is ReLU, or LeakyReLU when ``negative_slope > 0``.
+    """
+    num_classes = _check_classes(num_classes)
+    channels = _positive_ints("channels", channels, length=2)
+    batch_norm = _check_bool("batch_norm", batch_norm)
+    layers: OrderedDict[str, nn.Module] = OrderedDict()
+    width, size = IN_CHANNELS, IMAGE_SIZE
+    stride = 1 if pool is not None else STRIDE
+    for i, c in enumerate(channels, start=1):
+        layers[f"conv{i}"] = nn.Conv2d(width, c, CNN_KERNEL, stride=stride,
+                                       padding=CNN_KERNEL // 2)
+        size = (size + 2 * (CNN_KERNEL // 2) - CNN_KERNEL) // stride + 1
+        if batch_norm:
+            layers[f"bn{i}"] = nn.BatchNorm2d(c)
+        act = nn.LeakyReLU(negative_slope) if negative_slope > 0 else nn.ReLU()
+        if pool is not None and pool_first:
+            layers[f"pool{i}"] = _pool(pool)
+        layers[f"relu{i}"] = act
+        if pool is not None and not pool_first:
+            layers[f"pool{i}"] = _pool(pool)
+        if pool is not None:
+            size //= POOL
+        width = c
+    layers["flatten"] = nn.Flatten()
+    layers["fc"] = nn.Linear(width * size * size, num_classes)
+    return nn.Sequential(layers)
+
+
+def cnn_poolfirst(num_classes: int = DEFAULT_NUM_CLASSES, *,
+                  channels: Sequence[int] = CNN_CHANNELS, batch_norm: bool = True
+                  ) -> nn.Sequential:
+    """The reference CNN with max-pooling *before* the ReLU.
+
+    ``[Conv2d(1, c1, 3, padding=1) -> BatchNorm2d -> MaxPool2d(2) -> ReLU]``
+    ``-> [Conv2d(c1, c2, 3, padding=1) -> BatchNorm2d -> MaxPool2d(2) -> ReLU]``
+    ``-> Flatten -> Linear(c2 * 7 * 7, num_classes)``.
+
+    ``relu(max(a)) == max(relu(a))``, so with equal weights it computes the same function
+    as ``cnn``; its gates differ: one ReLU per pooled unit (a quarter as many) and
+    max-pool selections among pre-activations (never among tied zeros).
+    """
+    return _cnn_stack(num_classes, channels, batch_norm=batch_norm, pool="max",
+                      pool_first=True)
+
+
+def cnn_avg(num_classes: int = DEFAULT_NUM_CLASSES, *, channels: Sequence[int] = CNN_CHANNELS,
+            batch_norm: bool = True) -> nn.Sequential:
+    """The reference CNN with average pooling, i.e. ``cnn(pool="avg")``.
+
+    ``[Conv2d(1, c1, 3, padding=1) -> BatchNorm2d -> ReLU -> AvgPool2d(2)]``
+    ``-> [Conv2d(c1, c2, 3, padding=1) -> BatchNorm2d -> ReLU -> AvgPool2d(2)]``
+    ``-> Flatten -> Linear(c2 * 7 * 7, num_classes)``. The only gates are the ReLUs.
+    """
+    return cnn(num_classes, channels=channels, batch_norm=batch_norm, pool="avg")
+
+
+def cnn_strided(num_classes: int = DEFAULT_NUM_CLASSES, *,
+                channels: Sequence[int] = CNN_CHANNELS, batch_norm: bool = True
+                ) -> nn.Sequential:
+    """The reference CNN with stride-2 convolutions instead of pooling.
+
+    ``[Conv2d(1, c1, 3, stride=2, padding=1) -> BatchNorm2d -> ReLU]`` (28 -> 14)
+    ``-> [Conv2d(c1, c2, 3, stride=2, padding=1) -> BatchNorm2d -> ReLU]`` (14 -> 7)
+    ``-> Flatten -> Linear(c2 * 7 * 7, num_classes)``. The only gates are the ReLUs.
+    """
+    return _cnn_stack(num_classes, channels, batch_norm=batch_norm, pool=None)
+
+
+def cnn_nobn(num_classes: int = DEFAULT_NUM_CLASSES, *, channels: Sequence[int] = CNN_CHANNELS,
+             pool: str = "max") -> nn.Sequential:
+    """The reference CNN without batch-norm, i.e. ``cnn(batch_norm=False)``.
+
+    ``[Conv2d(1, c1, 3, padding=1) -> ReLU -> MaxPool2d(2)]``
+    ``-> [Conv2d(c1, c2, 3, padding=1) -> ReLU -> MaxPool2d(2)]``
+    ``-> Flatten -> Linear(c2 * 7 * 7, num_classes)``.
+    """
+    return cnn(num_classes, channels=channels, batch_norm=False, pool=pool)
+
+
+def cnn_leaky(num_classes: int = DEFAULT_NUM_CLASSES, *, channels: Sequence[int] = CNN_CHANNELS,
+              batch_norm: bool = True, negative_slope: float = LEAKY_SLOPE) -> nn.Sequential:
+    """The reference CNN with LeakyReLU (default negative slope 0.1) instead of ReLU.
+
+    ``[Conv2d(1, c1, 3, padding=1) -> BatchNorm2d -> LeakyReLU(0.1) -> MaxPool2d(2)]``
+    ``-> [Conv2d(c1, c2, 3, padding=1) -> BatchNorm2d -> LeakyReLU(0.1) -> MaxPool2d(2)]``
+    ``-> Flatten -> Linear(c2 * 7 * 7, num_classes)``.
+
+    Args:
+        negative_slope: in ``(0, 1)`` (0 would be ``cnn``; >= 1 is not a rectifier).
+    """
+    return _cnn_stack(num_classes, channels, batch_norm=batch_norm, pool="max",
+                      negative_slope=_check_slope(negative_slope))
+
+
 @dataclass(frozen=True)
 class ModelSpec:
     """A registered architecture.
@@ -263,6 +384,16 @@ MODELS: dict[str, ModelSpec] = {
                   "61,706 parameters", 61_706),
         ModelSpec("gap", gap, "3 x [conv3x3-BN-ReLU] (16, 32, 64 channels, maxpool2 after the "
                   "first two) - global average pool - linear, 24,170 parameters", 24_170),
+        ModelSpec("cnn-poolfirst", cnn_poolfirst, "2 x [conv3x3-BN-maxpool2-ReLU] (16, 32 "
+                  "channels) - linear, 20,586 parameters", 20_586),
+        ModelSpec("cnn-avg", cnn_avg, "2 x [conv3x3-BN-ReLU-avgpool2] (16, 32 channels) - "
+                  "linear, 20,586 parameters", 20_586),
+        ModelSpec("cnn-strided", cnn_strided, "2 x [conv3x3 stride 2-BN-ReLU] (16, 32 "
+                  "channels, no pooling) - linear, 20,586 parameters", 20_586),
+        ModelSpec("cnn-nobn", cnn_nobn, "2 x [conv3x3-ReLU-maxpool2] (16, 32 channels, no "
+                  "batch-norm) - linear, 20,490 parameters", 20_490),
+        ModelSpec("cnn-leaky", cnn_leaky, "2 x [conv3x3-BN-LeakyReLU(0.1)-maxpool2] (16, 32 "
+                  "channels) - linear, 20,586 parameters", 20_586),
     )
 }
 """Registry: name -> :class:`ModelSpec`."""
