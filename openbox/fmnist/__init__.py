@@ -8,6 +8,7 @@ and the engine never imports this package (a test reads the imports to keep it s
 >>> ds = fmnist.load_sample()                      # 1,000 test images, offline
 >>> model, info = fmnist.load_demo_model()         # the packaged demo CNN
 >>> model = fmnist.build_model("cnn", seed=0)      # a fresh reference CNN
+>>> boots = fmnist.binary_task(ds, "fmnist-1")      # Ankle boot -> 0 vs Bag -> 1
 """
 
 from openbox.fmnist.checkpoints import (
@@ -38,7 +39,14 @@ from openbox.fmnist.models import (
     check_seed,
     count_parameters,
 )
-from openbox.fmnist.training import TrainingDivergedError, TrainResult, evaluate, train
+from openbox.fmnist.tasks import TASK_NAMES, TASKS, BinaryTask, binary_task, load_task
+from openbox.fmnist.training import (
+    TrainingDivergedError,
+    TrainResult,
+    evaluate,
+    plnn_ns_layers,
+    train,
+)
 
 __all__ = [
     "BINARY_TASKS", "CLASSES", "DATA_DIR_ENV", "DEMO_CLASSES", "INPUT_SHAPE", "MAX_PARAMETERS",
@@ -47,4 +55,6 @@ __all__ = [
     "count_parameters", "demo_checkpoint", "demo_indices", "evaluate", "load_checkpoint",
     "load_demo_model", "load_fashion_mnist", "load_sample", "printable_text", "read_idx",
     "save_checkpoint", "select_classes", "train", "write_idx",
+    # the paper's binary tasks and PLNN-NS training
+    "TASKS", "TASK_NAMES", "BinaryTask", "binary_task", "load_task", "plnn_ns_layers",
 ]
