@@ -288,3 +288,15 @@ def test_penalty_enlarges_the_regions_of_training_inputs():
     assert medians[1] > 5 * medians[0], medians  # seen: 6.8e-4 -> 3.2e-2
     assert medians[0] > 0
     assert accuracy[1] > 0.5, accuracy  # still a classifier (chance is 0.1)
+
+
+def test_the_penalty_plugs_into_train():
+    from openbox.fmnist.models import build_model
+    from openbox.fmnist.training import train
+
+    model = build_model("cnn-strided", seed=0, channels=(4, 8))
+    penalty = mmr_penalty(1.0, 0.1, 10, 1, probes=3, max_examples=8)
+    result = train(model, load_sample().subset(torch.arange(64)), epochs=2, batch_size=32,
+                   seed=0, progress=False, penalty=penalty)
+    assert result.penalty == "MMRPenalty"
+    assert result.train_penalty[0] == 0.0 and result.train_penalty[1] > 0  # ramped from 0
