@@ -19,6 +19,7 @@ from torch import nn
 
 import openbox
 from openbox.fmnist.data import load_sample
+from openbox.fmnist.models import build_model
 from openbox.fmnist.regularisers import (
     MMRPenalty,
     distance_debias,
@@ -26,6 +27,7 @@ from openbox.fmnist.regularisers import (
     hinge_top_k,
     mmr_penalty,
 )
+from openbox.fmnist.training import train
 
 SHAPE = (1, 12, 12)
 PROBES = 8
@@ -291,9 +293,6 @@ def test_penalty_enlarges_the_regions_of_training_inputs():
 
 
 def test_the_penalty_plugs_into_train():
-    from openbox.fmnist.models import build_model
-    from openbox.fmnist.training import train
-
     model = build_model("cnn-strided", seed=0, channels=(4, 8))
     penalty = mmr_penalty(1.0, 0.1, 10, 1, probes=3, max_examples=8)
     result = train(model, load_sample().subset(torch.arange(64)), epochs=2, batch_size=32,
