@@ -100,6 +100,25 @@ def _row_norms(A: np.ndarray) -> dict[str, np.ndarray]:
     return {"l1": l1, "l2": l2, "linf": linf}
 
 
+def _row_l2(A: np.ndarray) -> np.ndarray:
+    """(m,) float64 ||a_i||_2 of every row, one pass without a temporary as large as A (the
+    engine's A is Fortran-ordered, so its transpose is read in C order)."""
+    m, n = A.shape
+    out = np.empty(m)
+    if A.flags.f_contiguous and not A.flags.c_contiguous:
+        At = A.T
+        step = _block_rows(n)
+        for i in range(0, m, step):
+            B = At[:, i : i + step]
+            out[i : i + step] = np.einsum("ji,ji->i", B, B, dtype=np.float64)
+    else:
+        step = _block_rows(n)
+        for i in range(0, m, step):
+            B = A[i : i + step]
+            out[i : i + step] = np.einsum("ij,ij->i", B, B, dtype=np.float64)
+    return np.sqrt(out)
+
+
 def _dual_norm_name(norm) -> str:
     """The dual norm that turns slack into distance for a ball of ``norm``."""
     if norm == 2:
@@ -210,10 +229,21 @@ class _Rows:
         self.A = _matrix(A)
         self.m, self.n = self.A.shape
         self.d = _vector(d, self.m, "d")
-        self.norms = _row_norms(self.A)
-        self.zero = self.norms["l1"] == 0
+        self._norms = None
+        self.l2 = _row_l2(self.A)
+        # A row is zero iff its l1 norm is; l2 == 0 can also be a nonzero row whose squares
+        # underflow, so only those few rows are looked at again.
+        self.zero = self.l2 == 0
+        for i in np.flatnonzero(self.zero):
+            self.zero[i] = not np.any(self.A[i])
         self.live = np.flatnonzero(~self.zero)
-        self.l2 = self.norms["l2"]
+
+    @property
+    def norms(self) -> dict[str, np.ndarray]:
+        """||a_i||_1, ||a_i||_2, ||a_i||_inf (computed on first use)."""
+        if self._norms is None:
+            self._norms = _row_norms(self.A)
+        return self._norms
 
     def check_zero_rows(self, tol: Tolerances) -> None:
         bad = self.zero & (self.d < -tol.feasibility * (1.0 + np.abs(self.d)))

@@ -41,6 +41,12 @@ __all__ = ["IncrementalLP", "LPError", "LPResult", "solve_lp"]
 _INF = highspy.kHighsInf
 _MS = highspy.HighsModelStatus
 
+# Clarabel's settings for every solve, over its own defaults. max_threads: Clarabel's default
+# (0: one thread per core) runs its faer KKT factorisation on rayon threads that spin
+# (sched_yield / futex) when the cores are shared: the demo-CNN Chebyshev LP took 15 s wall,
+# 16 s of it *system* CPU, against 3.9 s (0.3 s system) on one thread.
+_CLARABEL_SETTINGS = {"max_threads": 1}
+
 
 class LPError(RuntimeError):
     """The LP solver failed: numerical trouble, an iteration or time limit, a model it
@@ -192,6 +198,7 @@ def solve_lp(
     bounds=None,
     tol: Tolerances,
     method: str = "highs",
+    clarabel_options: dict | None = None,
 ) -> LPResult:
     """Minimise ``c.x`` subject to ``A_ub x <= b_ub``, ``A_eq x = b_eq``, ``lo <= x <= hi``.
 
@@ -206,6 +213,8 @@ def solve_lp(
             feasibility and duality-gap tolerance (Clarabel).
         method: "highs" (dual simplex) or "clarabel" (interior point, for dense columns);
             see the module docstring.
+        clarabel_options: Clarabel settings (name -> value) over ``_CLARABEL_SETTINGS``,
+            e.g. ``{"direct_solve_method": "qdldl"}``; ignored by HiGHS.
 
     Returns:
         LPResult with status "optimal", "infeasible" or "unbounded".
@@ -223,7 +232,7 @@ def solve_lp(
         h.passModel(_highs_lp(c, A, row_lo, row_hi, lo, hi))
         return _run_highs(h, b_ub.shape[0])
     if method == "clarabel":
-        return _solve_clarabel(c, A_ub, b_ub, A_eq, b_eq, lo, hi, tol)
+        return _solve_clarabel(c, A_ub, b_ub, A_eq, b_eq, lo, hi, tol, clarabel_options)
     raise ValueError(f"unknown LP method {method!r}; use 'highs' or 'clarabel'")
 
 
@@ -271,7 +280,8 @@ class IncrementalLP:
 # ------------------------------------------------------------------------------------------
 
 
-def _solve_clarabel(c, A_ub, b_ub, A_eq, b_eq, lo, hi, tol: Tolerances) -> LPResult:
+def _solve_clarabel(c, A_ub, b_ub, A_eq, b_eq, lo, hi, tol: Tolerances, options=None
+                    ) -> LPResult:
     """The LP by Clarabel's interior point. Bounds become rows; equality rows a zero cone.
 
     Clarabel solves ``min q.x s.t. A x + s = b, s in K`` with dual z in K* and
@@ -291,6 +301,8 @@ def _solve_clarabel(c, A_ub, b_ub, A_eq, b_eq, lo, hi, tol: Tolerances) -> LPRes
     settings = clarabel.DefaultSettings()
     settings.verbose = False
     settings.tol_feas = settings.tol_gap_abs = settings.tol_gap_rel = tol.lp
+    for name, value in {**_CLARABEL_SETTINGS, **(options or {})}.items():
+        setattr(settings, name, value)
     solver = clarabel.DefaultSolver(sp.csc_matrix((k, k)), c, sp.csc_matrix(ineq), rhs, cones,
                                     settings)
     sol = solver.solve()
