@@ -33,6 +33,7 @@ from experiments.common import (
 STUDIES = {
     "plnn": "experiments.plnn_study",     # the OpenBox paper's setting (binary tasks, PLNN)
     "cnn": "experiments.cnn_study",       # every explainer x measure on the reference CNN
+    "arch": "experiments.architecture_study",  # which CNNs are interpretable (issue 13)
 }
 """Study name -> module with ``run(ctx)``, in run order; the paper is written last."""
 

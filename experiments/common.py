@@ -71,26 +71,33 @@ class Settings:
     expensive_measures: tuple[str, ...] | None = None   # None: every measure
     ig_measures: tuple[str, ...] = ("exactness", "local_fidelity", "seed_stability",
                                     "consistency", "faithfulness")
+    study_inscribed: int = 3          # inscribed-radius LPs per model
+    study_lime: int = 10              # LIME exactness / consistency images per model
+    study_width: str = "full"         # "full" zoo widths; "tiny" for quick runs
+    plane_max_regions: int = 1500
+    plane_extent: float = 0.02
 
 
 FULL = Settings(
     name="full", plnn_epochs=10, plnn_train_limit=None, exactness_images=500,
     consistency_images=100, feature_images=3, cnn_channels=(8, 16), cnn_epochs=3,
     cnn_train_limit=None, compare_images=20, compare_expensive_images=5, exact_images=100,
-    inscribed_images=5, segment_images=10, ig_images=3, ig_steps=(50, 1000, 4000), study_epochs=1,
+    inscribed_images=5, segment_images=10, ig_images=3, ig_steps=(50, 1000, 4000), study_epochs=2,
     study_train_limit=20000, study_images=50, study_pairs=10,
 )
 QUICK = Settings(
     name="quick", plnn_epochs=1, plnn_train_limit=600, exactness_images=6,
     consistency_images=4, feature_images=2, cnn_channels=(4, 8), cnn_epochs=1,
     cnn_train_limit=600, compare_images=2, compare_expensive_images=1, exact_images=4,
-    inscribed_images=1, segment_images=1, ig_images=1, ig_steps=(50, 200), study_epochs=1,
+    inscribed_images=1, segment_images=1, ig_images=1, ig_steps=(50, 200), study_epochs=2,
     study_train_limit=300, study_images=3, study_pairs=2,
     method_options={"lime": {"num_samples": 60}, "lime-patches": {"n_samples": 40},
                     "kernelshap": {"n_samples": 40}, "meaningful-perturbation": {"steps": 20},
                     "smoothgrad": {"nt_samples": 5}, "integrated-gradients": {"n_steps": 20}},
     expensive_measures=("exactness", "local_fidelity", "faithfulness", "consistency"),
     ig_measures=("exactness", "faithfulness"),
+    study_inscribed=1, study_lime=2, study_width="tiny", plane_max_regions=200,
+    plane_extent=0.005,
 )
 SEED = 0
 """The one seed: training, subsets, every sampling method and measure."""
@@ -141,10 +148,13 @@ class Context:
     def trained(self, arch: str, arch_kwargs: dict, train_set: fdata.Dataset,
                 test_set: fdata.Dataset, *, epochs: int, batch_size: int, lr: float = 1e-3,
                 tag: str, train_options: dict | None = None,
-                limit: int | None = None) -> tuple[torch.nn.Module, dict]:
+                limit: int | None = None, describe: dict | None = None
+                ) -> tuple[torch.nn.Module, dict]:
         """A model trained with these settings: from the cache, or trained now and cached.
 
-        Returns the model (eval mode) and its metadata (test accuracy, epochs, ...)."""
+        ``describe``: plain data that identifies what ``train_options`` cannot show by value
+        (a penalty's parameters); it joins the cache key. Returns the model (eval mode) and
+        its metadata (test accuracy, epochs, ...)."""
         train_options = dict(train_options or {})
         if limit is not None and limit < len(train_set):
             g = torch.Generator().manual_seed(SEED)
@@ -154,7 +164,8 @@ class Context:
         key = {"arch": arch, "arch_kwargs": arch_kwargs, "classes": list(train_set.classes),
                "n_train": len(train_set), "source": train_set.source, "epochs": epochs,
                "batch_size": batch_size, "lr": lr, "seed": SEED,
-               "train_options": {k: _plain(v) for k, v in train_options.items()}}
+               "train_options": {k: _plain(v) for k, v in train_options.items()},
+               "describe": describe or {}}
         digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
         path = self.cache / f"{tag}-{digest}.pt"
         if path.is_file():

@@ -176,9 +176,44 @@ def write(ctx: Context) -> Path:
         add(f"Captum's IG at {last['steps']} steps still differs from the exact integral by "
             f"{_g(last['relative_l2_error'])} (relative L2); the exact sum over the path's linear "
             f"pieces has completeness error {_g(ig[0]['completeness_error'])}.\n")
+    arch = _rows(out, "arch-study")
+    if arch:
+        add("### Which CNNs are interpretable?\n")
+        add("Interpretability here means two things (the seeds of this project): the important "
+            "features are easy to extract, and *near objects are classified by the same linear "
+            "classifier*. openbox measures the second exactly. Every architecture below was "
+            "trained with the same budget and seed and measured on the same test images.\n")
+        add(_table(out, "arch-study") + "\n")
+        add("![trade-off](arch-tradeoff.png)\n")
+        add("![plane maps](arch-planes.png)\n")
+        add(_table(out, "arch-hamming") + "\n")
+        ref = _find(arch, model="cnn")
+        best = max(arch, key=lambda r: (_num(r["share_region_nn"]) or 0,
+                                        -(_num(r["regions_per_unit_length"]) or math.inf)))
+        fewest = min(arch, key=lambda r: _num(r["regions_per_unit_length"]) or math.inf)
+        no_facets = [r["model"] for r in arch if _num(r["on_facet"]) == 0]
+        if ref:
+            add(f"The reference CNN (max-pool) has {_pct(ref['on_facet'])} of its test images on "
+                f"facets (median {_g(ref['tight_facets'])} tight facets) and a certified radius "
+                f"of {_g(ref['certified_l2'])}; its segments to the nearest neighbour cross "
+                f"{_g(ref['regions_per_unit_length'])} regions per unit length, and "
+                f"{_pct(ref['share_region_nn'])} of nearest-neighbour pairs share a region. ")
+        if no_facets:
+            add(f"Without max-pooling over the background no image lies on a facet "
+                f"({', '.join(no_facets)}): removing ties is cheap. ")
+        add(f"The fewest regions per unit length are crossed by {fewest['model']} "
+            f"({_g(fewest['regions_per_unit_length'])}, test accuracy "
+            f"{_g(fewest['test_accuracy'])}); the largest fraction of nearest-neighbour pairs "
+            f"sharing one region is {_pct(best['share_region_nn'])} ({best['model']}, accuracy "
+            f"{_g(best['test_accuracy'])}"
+            + (f", against {_g(ref['test_accuracy'])} for the reference)." if ref else ").")
+            + " Which model to select: the one that keeps accuracy while making regions large "
+            "enough to be shared; the table gives the price of each choice in accuracy.\n")
     add("### Cost\n")
     add(_table(out, "cnn-timing") + "\n")
     add(_table(out, "plnn-timing") + "\n")
+    if arch:
+        add(_table(out, "arch-timing") + "\n")
 
     add("## Limits\n")
     add("- openbox needs a piecewise-linear network (ReLU / LeakyReLU, max / average pooling, "
