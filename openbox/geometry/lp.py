@@ -15,7 +15,10 @@ Two solvers sit behind one result type:
 * ``method="clarabel"``: Clarabel's interior point (the conic solver cvxpy ships with).
   The polytope LPs of a CNN have hundreds of *dense* columns; HiGHS works on sparse
   factors and slows to ~10 ms per pivot there (the Chebyshev LP of a demo-CNN region,
-  solved over a working set of rows: 349 s with HiGHS, 13 s with Clarabel).
+  solved over a working set of rows: 349 s with HiGHS, 13 s with Clarabel on all threads,
+  about 4 s on one). Clarabel runs on one thread: with its default, its factorisation
+  threads spin on a shared 2-core machine (15 s system CPU per demo region); the whole
+  Chebyshev LP held sparse (``chebyshev`` method "sparse") takes about 1 s.
 
 Statuses: ``solve_lp`` returns ``status`` "optimal", "infeasible" or "unbounded" and never
 raises for those; the caller decides what they mean. It raises :class:`LPError` when the
