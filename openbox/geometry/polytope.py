@@ -247,7 +247,8 @@ class Polytope:
 
     def inscribed_radius(self, *, method: str = "auto") -> float:
         """The region's own inscribed-ball radius, an LP (about a second on a demo-CNN
-        region, as one sparse solve; hence a method): the largest L2 ball inside the network's polytope P,
+        region, as one sparse solve; hence a method): the largest L2 ball inside the
+        network's polytope P,
         *without* the domain box (``chebyshev_center(include_domain=False)``'s radius;
         ``inf`` for an unbounded region that holds every ball). Positive for a
         full-dimensional region even when :meth:`radius` is an honest 0 because the point
