@@ -262,6 +262,35 @@ def _expected_errors() -> tuple[type[BaseException], ...]:
 # --- train -------------------------------------------------------------------------------
 
 
+def _mmr(args: argparse.Namespace):
+    """The MMR-style penalty of ``--mmr WEIGHT`` and its options, or (None, None)."""
+    if args.mmr is None:
+        for flag in ("mmr_gamma", "mmr_k", "mmr_ramp_epochs", "mmr_probes", "mmr_examples"):
+            if getattr(args, flag) is not None:
+                raise UsageError(f"--{flag.replace('_', '-')} needs --mmr WEIGHT")
+        return None, None
+    from openbox.fmnist.regularisers import mmr_penalty
+
+    options = {"weight": args.mmr, "gamma": MMR_DEFAULTS["gamma"] if args.mmr_gamma is None
+               else args.mmr_gamma,
+               "k": MMR_DEFAULTS["k"] if args.mmr_k is None else args.mmr_k,
+               "ramp_epochs": MMR_DEFAULTS["ramp_epochs"] if args.mmr_ramp_epochs is None
+               else args.mmr_ramp_epochs,
+               "probes": MMR_DEFAULTS["probes"] if args.mmr_probes is None else args.mmr_probes,
+               "max_examples": MMR_DEFAULTS["max_examples"] if args.mmr_examples is None
+               else args.mmr_examples}
+    try:
+        penalty = mmr_penalty(options["weight"], options["gamma"], options["k"],
+                              options["ramp_epochs"], probes=options["probes"],
+                              max_examples=options["max_examples"])
+    except ValueError as exc:
+        raise UsageError(f"--mmr: {exc}") from exc
+    return penalty, {k: (float(v) if isinstance(v, float) else v) for k, v in options.items()}
+
+
+MMR_DEFAULTS = {"gamma": 0.05, "k": 20, "ramp_epochs": 1.0, "probes": 4, "max_examples": 16}
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from openbox.fmnist import training
     from openbox.fmnist.tasks import binary_task, get_task
@@ -301,6 +330,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         training.check_constraints(model, l1=args.l1, nonnegative=nonnegative)
     except ValueError as exc:
         raise UsageError(f"--nonnegative {args.nonnegative}: {exc}") from exc
+    penalty, mmr = _mmr(args)
     train_set = load_fashion_mnist("train", args.data, download=args.download)
     test_set = load_fashion_mnist("test", args.data, download=args.download)
     folder = train_set.source.rsplit(" (", 1)[0]
@@ -314,13 +344,17 @@ def cmd_train(args: argparse.Namespace) -> int:
     if nonnegative:
         constrained = f"; weights >= 0 in {', '.join(nonnegative)}"
         constrained += f", L1 {args.l1:g} on them" if args.l1 > 0 else ""
+    if mmr is not None:
+        constrained += (f"; MMR penalty weight {mmr['weight']:g}, gamma {mmr['gamma']:g}, "
+                        f"k {mmr['k']}, ramped over {mmr['ramp_epochs']:g} epoch(s)")
     _say(f"{args.model} {kwargs or '(default options)'}: {count_parameters(model):,} parameters;"
          f" {len(train_set):,} training / {len(test_set):,} test images{on_task} from "
          f"{folder}{constrained}")
     started = time.perf_counter()
     result = training.train(model, train_set, test_set, epochs=args.epochs,
                             batch_size=args.batch_size, lr=args.lr, seed=args.seed,
-                            device=device, progress=True, l1=args.l1, nonnegative=nonnegative)
+                            device=device, progress=True, l1=args.l1, nonnegative=nonnegative,
+                            penalty=penalty)
     seconds = time.perf_counter() - started
     written = save_checkpoint(
         out, model.to("cpu"), arch=args.model, arch_kwargs=kwargs,
@@ -341,6 +375,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             "l1": float(args.l1),
             "l1_layers": [] if args.l1 == 0 else list(nonnegative),
             "nonnegative": list(nonnegative),
+            "mmr": mmr,
             "seed": args.seed,
             "seconds": seconds,
             "threads": torch.get_num_threads(),
@@ -1059,6 +1094,23 @@ def build_parser() -> argparse.ArgumentParser:
                    help="keep these layers' weights >= 0 (projected after every Adam step): "
                         "all-but-first = every Linear/Conv layer but the first (the paper's "
                         "PLNN-NS: fc2,fc3,fc for plnn), or module names, e.g. fc3,fc")
+    p.add_argument("--mmr", type=float, default=None, metavar="WEIGHT",
+                   help="add an MMR-style region-enlarging penalty (Croce et al. 2019) of this "
+                        "weight: a hinge on the distances of each image to its k nearest gate "
+                        "hyperplanes, gradient norms estimated with Gaussian probes (see "
+                        "openbox.fmnist.regularisers)")
+    p.add_argument("--mmr-gamma", type=float, default=None, metavar="G",
+                   help=f"target distance in pixel units (default {MMR_DEFAULTS['gamma']})")
+    p.add_argument("--mmr-k", type=int, default=None, metavar="K",
+                   help=f"nearest hyperplanes per image (default {MMR_DEFAULTS['k']})")
+    p.add_argument("--mmr-ramp-epochs", type=float, default=None, metavar="E",
+                   help="epochs over which the weight rises from 0 (whole epochs: 0 during "
+                        f"epoch 1 with E >= 1; default {MMR_DEFAULTS['ramp_epochs']:g})")
+    p.add_argument("--mmr-probes", type=int, default=None, metavar="M",
+                   help=f"Gaussian probes per image, >= 3 (default {MMR_DEFAULTS['probes']})")
+    p.add_argument("--mmr-examples", type=int, default=None, metavar="N",
+                   help="images of each batch the penalty is computed on (default "
+                        f"{MMR_DEFAULTS['max_examples']})")
     p.set_defaults(run=cmd_train)
 
     p = sub.add_parser(

@@ -410,3 +410,41 @@ def test_a_non_finite_penalty_stops_training_as_divergence(boots):
 
     with pytest.raises(training.TrainingDivergedError, match="epoch 1/1, step 1/"):
         train(small_plnn(), boots, epochs=1, batch_size=BATCH, progress=False, penalty=nan)
+
+
+def test_the_cli_trains_with_the_mmr_penalty_and_records_it(tmp_path, capsys, monkeypatch):
+    from openbox.fmnist.regularisers import MMRPenalty
+
+    seen = {}
+    real = training.train
+
+    def spy(model, train_set, test_set, **kwargs):
+        seen.update(kwargs)
+        return real(model, train_set, test_set, **kwargs)
+
+    monkeypatch.setattr(training, "train", spy)
+    data, out = tiny_data(tmp_path / "data"), tmp_path / "mmr.pt"
+    code = cli.main(train_args(data, out, "--mmr", "0.5", "--mmr-gamma", "0.02", "--mmr-k",
+                               "3", "--mmr-ramp-epochs", "0", "--mmr-probes", "3",
+                               "--mmr-examples", "4"))
+    assert code == 0, capsys.readouterr().err
+    p = seen["penalty"]
+    assert isinstance(p, MMRPenalty)
+    assert (p.weight, p.gamma, p.k, p.ramp_epochs, p.probes, p.max_examples) == (
+        0.5, 0.02, 3, 0.0, 3, 4)
+    _, info = load_checkpoint(out)
+    assert info.metadata["mmr"] == {"weight": 0.5, "gamma": 0.02, "k": 3, "ramp_epochs": 0.0,
+                                    "probes": 3, "max_examples": 4}
+    assert "MMR penalty weight 0.5" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["--mmr-k", "3"], "--mmr-k needs --mmr WEIGHT"),
+    (["--mmr", "0.5", "--mmr-probes", "2"], "--mmr:"),
+])
+def test_the_cli_refuses_bad_mmr_options_before_training(tmp_path, capsys, monkeypatch, argv,
+                                                         needle):
+    monkeypatch.setattr(training, "train", lambda *a, **k: pytest.fail("training started"))
+    data = tiny_data(tmp_path / "data")
+    assert cli.main(train_args(data, tmp_path / "x.pt", *argv)) == 2
+    assert needle in capsys.readouterr().err
