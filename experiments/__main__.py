@@ -46,6 +46,8 @@ def main(argv=None) -> int:
     p.add_argument("--data", default=None, help="Fashion-MNIST folder")
     p.add_argument("--only", default=None, help="comma-separated studies (default: all)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--paper-only", action="store_true",
+                   help="only rewrite paper.md from the tables already in --out")
     args = p.parse_args(argv)
     settings = QUICK if args.quick else FULL
     out = Path(args.out) if args.out else DEFAULT_OUT
@@ -60,6 +62,11 @@ def main(argv=None) -> int:
     started = time.perf_counter()
     ctx.log(f"{settings.name} run on {ctx.data_source}, {torch.get_num_threads()} threads, "
             f"writing to {out}")
+    if args.paper_only:
+        from experiments import paper
+
+        ctx.log(f"wrote {paper.write(ctx)}")
+        return 0
     ctx.table("settings", settings_table(ctx), caption="Settings of this run.")
     for name in names:
         t = time.perf_counter()

@@ -159,6 +159,16 @@ def write(ctx: Context) -> Path:
 
     add("### Every explainer on the reference CNN\n")
     add(_table(out, "cnn-accuracy") + "\n")
+    cnn_row = _rows(out, "cnn-accuracy")
+    if cnn_row:
+        from experiments.common import SEED, seeded_subset
+
+        n_test = int(cnn_row[0]["n_test"])
+        s = ctx.settings
+        shown = seeded_subset(n_test, s.compare_images)
+        add(f"Images: the comparison uses the {len(shown)} test images "
+            f"{', '.join(map(str, shown))} (``torch.randperm`` with seed {SEED}); the costly "
+            f"methods the first {min(s.compare_expensive_images, len(shown))} of them.\n")
     add(_table(out, "cnn-metrics") + "\n")
     add("![attributions](cnn-grid.png)\n")
     ob_m = _find(cnn_metrics, method="openbox")
@@ -169,6 +179,14 @@ def write(ctx: Context) -> Path:
             f"{_g(ob_m.get('fidelity@0.001'))}, and {_pct(ob_m.get('left_region@0.001'))} of "
             "those neighbours lie outside the region: the classifier is exact on the region and "
             "nowhere else, and on this CNN the regions are small.\n")
+    lrp_m = _find(cnn_metrics, method="lrp")
+    ixg_m = _find(cnn_metrics, method="input-x-gradient")
+    if lrp_m and ixg_m and all(_g(lrp_m.get(k)) == _g(ixg_m.get(k)) for k in
+                               ("consistency_nn", "deletion_auc", "insertion_auc")):
+        add("LRP-epsilon and Input x Gradient agree in every measure: for a ReLU network with "
+            "a small epsilon the epsilon rule is gradient times input (Ancona et al., ICLR "
+            "2018), and max-pooling passes relevance to the selected entry as the gradient "
+            "does.\n")
     add(_table(out, "cnn-exact") + "\n")
     add(_table(out, "cnn-ig") + "\n")
     if len(ig) > 1:
@@ -226,7 +244,11 @@ def write(ctx: Context) -> Path:
         "- Regions of CNNs are tiny: most Gaussian neighbours leave them, a segment between "
         "near images crosses many regions, so one exact classifier explains a very small "
         "neighbourhood. Approximate methods are smoother by design and some are cheaper per "
-        "call (Saliency, Grad-CAM); exact IG and the region walks cost seconds to minutes.\n")
+        "call (Saliency, Grad-CAM); exact IG and the region walks cost seconds to minutes.\n"
+        "- The baselines are the libraries' own: Captum's DeepLIFT rule for max-pooling does "
+        "not conserve (its completeness gap, reported per call, is ~0.1-0.4 logits on the "
+        "demo CNN, ~1e-16 with average pooling); LIME's coefficient for a black pixel is "
+        "fitted on noise, since hiding a black pixel changes nothing.\n")
     add("## References\n")
     add("- L. Chu, X. Hu, J. Hu, L. Wang, J. Pei. Exact and consistent interpretation for "
         "piecewise linear neural networks: a closed form solution. KDD 2018.\n"
