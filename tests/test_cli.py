@@ -110,6 +110,9 @@ def user_model(tmp_path, monkeypatch):
 
 
 def tiny_data(folder: Path, n_train: int = 200, n_test: int = 100) -> Path:
+    """IDX files of the packaged sample's images, in a fixed random order, in ``folder``
+    (created): ``n_train`` for the train split, the next ``n_test`` for the test split."""
+    folder.mkdir(parents=True, exist_ok=True)
     sample = load_sample()
     pixels = (sample.images[:, 0] * 255).round().to(torch.uint8).numpy()
     labels = sample.labels.to(torch.uint8).numpy()

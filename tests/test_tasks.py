@@ -6,7 +6,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -20,11 +19,11 @@ from openbox.fmnist.data import (
     binary_subset,
     load_fashion_mnist,
     load_sample,
-    write_idx,
 )
 from openbox.fmnist.models import build_model
 from openbox.fmnist.tasks import TASK_NAMES, TASKS, BinaryTask, binary_task, get_task, load_task
 from openbox.fmnist.training import check_constraints, plnn_ns_layers, train
+from tests.test_cli import tiny_data
 
 HIDDEN = [16, 8]  # a small plnn: fc1 784->16, fc2 16->8, fc 8->2
 NS_LAYERS = ("fc2", "fc")
@@ -118,19 +117,6 @@ def test_a_binary_task_checks_its_classes():
         BinaryTask("x", classes=(9, 9), class_names=("Ankle boot", "Ankle boot"))
     with pytest.raises(ValueError, match="class_names must be"):
         BinaryTask("x", classes=(9, 8), class_names=("Bag", "Ankle boot"))
-
-
-def tiny_data(folder: Path, n_train: int = 200, n_test: int = 100) -> Path:
-    """IDX files of the sample's images in a fixed random order (as tests/test_cli.py)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    sample = load_sample()
-    pixels = (sample.images[:, 0] * 255).round().to(torch.uint8).numpy()
-    labels = sample.labels.to(torch.uint8).numpy()
-    order = np.random.default_rng(0).permutation(len(labels))
-    for prefix, rows in (("train", order[:n_train]), ("t10k", order[n_train:n_train + n_test])):
-        write_idx(folder / f"{prefix}-images-idx3-ubyte.gz", pixels[rows])
-        write_idx(folder / f"{prefix}-labels-idx1-ubyte.gz", labels[rows])
-    return folder
 
 
 def test_load_task_reads_a_split_and_selects_the_task(tmp_path):
