@@ -75,8 +75,11 @@ def run(ctx: Context) -> None:
         with torch.no_grad():
             target = model(x).argmax(1)
         for method in ("openbox", "lime"):
+            opts = dict(s.method_options.get(method, {}))
+            if method == "lime":
+                opts["keep_samples"] = False     # ~10 MB per image, not needed here
             ex = explainers.get(method, model, input_shape=INPUT_SHAPE, seed=SEED,
-                                progress=ctx.progress, **s.method_options.get(method, {}))
+                                progress=ctx.progress, **opts)
             with Timer() as t:
                 r = ex.explain(x, target)
             err = metrics.exactness(r, model, x.double()).numpy()

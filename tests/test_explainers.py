@@ -230,6 +230,15 @@ def test_lime_default_sample_count_is_d_plus_2():
     assert r.surrogates[0].samples.features.shape == (146, 144)
 
 
+def test_lime_can_drop_its_samples():
+    model, x = tiny_cnn(seed=2), inputs(1, seed=3)
+    kept = explainers.get("lime", model, input_shape=SHAPE).explain(x, 1)
+    dropped = explainers.get("lime", model, input_shape=SHAPE, keep_samples=False).explain(x, 1)
+    assert kept.surrogates[0].samples is not None and dropped.surrogates[0].samples is None
+    torch.testing.assert_close(dropped.attribution, kept.attribution, rtol=0, atol=0)
+    assert dropped.probability.item() == kept.probability.item()
+
+
 def test_lime_needs_an_image_shape():
     with pytest.raises(explainers.UnsupportedModelError, match=r"lime explains images.*\(5,\)"):
         explainers.get("lime", nn.Linear(5, 2), input_shape=(5,))

@@ -213,10 +213,12 @@ class DeepLift(_ReluRule):
     f_c(baseline) (completeness); ``info["delta"]`` (B,) is Captum's error of it. Captum's
     max-pool rule does not conserve: the gap is ~1e-2 on the tests' tiny CNN and 0.1-0.4
     logits on the demo CNN, even in float64, against ~1e-16 with average pooling (a
-    limitation of the library's rule, reported, not corrected here). Runs on one module
-    per ReLU *and* per max-pool use (DeepLift's hooks keep one input per module;
-    functional ``F.max_pool2d`` with constant arguments becomes an ``nn.MaxPool2d``). Other non-linear layers are
-    refused, except the few Captum also has a rule for (LeakyReLU, ELU, Sigmoid, Tanh,
+    limitation of the library's rule, reported, not corrected here).
+
+    Runs on one module per ReLU *and* per max-pool use (DeepLift's hooks keep one input per
+    module; functional ``F.max_pool2d`` with constant arguments becomes an
+    ``nn.MaxPool2d``). Other non-linear layers are refused, except the few Captum also has a
+    rule for (LeakyReLU, ELU, Sigmoid, Tanh,
     Softplus, Softmax modules).
     """
 

@@ -57,6 +57,9 @@ class Lime(Explainer):
         batch_size: samples per model call inside lime (default 256; lime's own default of
             10 makes it several times slower without changing the result).
         kernel_width: lime's kernel width on the cosine distance (default 0.25, lime's).
+        keep_samples: keep lime's own samples in ``surrogates[b].samples`` (default True;
+            d + 2 samples of d pixels in float64 twice, ~10 MB per 28x28 image: pass False
+            for large batches when the own-sample error is not wanted).
 
     The seed is lime's ``random_state`` (the z samples); input b of a batch uses seed + b.
     ``info["score"]`` (B,): the surrogate's weighted R^2 on its samples (lime's ``score``).
@@ -67,7 +70,8 @@ class Lime(Explainer):
     stochastic = True
     batched = False
     local_model = True
-    options = {"num_samples": None, "batch_size": 256, "kernel_width": 0.25}
+    options = {"num_samples": None, "batch_size": 256, "kernel_width": 0.25,
+               "keep_samples": True}
 
     def setup(self) -> None:
         if len(self.input_shape) != 3 or self.input_shape[0] not in (1, 3):
@@ -134,7 +138,8 @@ class Lime(Explainer):
             inputs=(xs.reshape(c, -1) * z[:, None, :]).reshape(-1, c, h, w).to(x.dtype),
             model=model_p, surrogate=intercept + z @ coef_t, features=z, weights=weights,
         )
-        surrogate = Surrogate(_pixel_predict(xs, coef_t, intercept), samples)
+        surrogate = Surrogate(_pixel_predict(xs, coef_t, intercept),
+                              samples if self.config["keep_samples"] else None)
         attribution = coef_t.to(x.dtype).reshape(1, 1, h, w).expand(1, c, h, w).clone()
         return Output(attribution.to(x.device), torch.tensor([local_pred], dtype=x.dtype),
                       [surrogate], {"score": torch.tensor([float(exp.score)])})
