@@ -440,3 +440,17 @@ def test_sensitivity_of_an_all_zero_map_raises_or_takes_the_given_value(cnn, x):
         ratios = [float((sal.explain(ys[i, b : b + 1], 1).attribution[0] - phi[b]).norm()
                         / phi[b].norm()) for i in range(2)]
         assert abs(s[b].item() - max(ratios)) <= 1e-12
+
+
+def test_randomisation_rebuilds_the_method_with_its_progress_setting(cnn, x, monkeypatch):
+    seen = []
+    real = Explainer.__init__
+
+    def spy(self, *args, **kwargs):
+        seen.append(kwargs.get("progress"))
+        real(self, *args, **kwargs)
+
+    ex = GradSaliency(cnn, SHAPE, dtype=torch.float64, progress=False)
+    monkeypatch.setattr(Explainer, "__init__", spy)
+    metrics.randomisation(ex, x, 0)
+    assert seen and all(p is False for p in seen)

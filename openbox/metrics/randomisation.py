@@ -84,7 +84,8 @@ def randomisation(explainer: Explainer, x: Tensor, target, *, seed: int = 0,
     model_k = model_{k-1} with l_k re-drawn; one torch.Generator seeded with ``seed`` draws
     every layer in turn, see :func:`normal_init`), and the same method is rebuilt on it,
     ``type(explainer)(model_k, explainer.input_shape, device=explainer.device,
-    dtype=explainer.dtype, seed=explainer.seed, **explainer.config)``. Then
+    dtype=explainer.dtype, seed=explainer.seed, progress=explainer.progress,
+    **explainer.config)``. Then
 
         spearman[b, k] = rho(Phi_k(x_b), Phi(x_b)),
         spearman_abs[b, k] = rho(|Phi_k(x_b)|, |Phi(x_b)|),
@@ -124,7 +125,7 @@ def randomisation(explainer: Explainer, x: Tensor, target, *, seed: int = 0,
         init(path, modules[path], g)
         rebuilt = type(explainer)(model, explainer.input_shape, device=explainer.device,
                                   dtype=explainer.dtype, seed=explainer.seed,
-                                  **explainer.config)
+                                  progress=explainer.progress, **explainer.config)
         phi = rebuilt.explain(x, target).attribution
         rho.append(spearman(phi, original, constant=constant))
         rho_abs.append(spearman(phi.abs(), original.abs(), constant=constant))
