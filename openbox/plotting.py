@@ -357,7 +357,7 @@ def plot_segment(pieces, t: np.ndarray, logits: np.ndarray, *, class_names=None,
 
 
 ATTRIBUTION_INCHES = 1.55  # one panel of the method grid
-ATTRIBUTION_NORMALISED_UNITS = "attribution / max |attribution| of the map"
+ATTRIBUTION_NORMALISED_UNITS = "attribution / max |attribution|"
 
 
 def plot_attribution_grid(
