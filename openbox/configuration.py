@@ -35,7 +35,9 @@ exact at x. Ties between *different* linear functions are counted per input
 from __future__ import annotations
 
 import hashlib
+import weakref
 from dataclasses import dataclass
+from math import prod
 from typing import NamedTuple
 
 import numpy as np
@@ -402,6 +404,70 @@ class _ConfigurationRun(Interpreter):
             self.values[k], self.derivatives[k] = x[:b], x[b : 2 * b]
             if self.n_dir > 1:
                 self.derivatives2[k] = x[2 * b : 3 * b]
+        grid = _pool_grid(node)
+        if grid is not None and x.is_contiguous():
+            return self._maxpool_grid(k, node, x, grid)
+        return self._maxpool_table(k, node, x)
+
+    def _maxpool_grid(self, k, node: MaxPool, x, grid):
+        """:meth:`_maxpool_table` on a window table that is a regular grid: each window
+        position is a strided view of x (no gathered copy), and the same rule runs on the
+        K views of shape (B, *out_shape), one position at a time. Gives the same selections,
+        counts and outputs: elementwise the same expressions, on every window."""
+        b, n_dir = self.b, self.n_dir
+        base, sizes, strides, offsets = grid
+        rows = x.shape[0]
+        n_in = x[0].numel()
+        flat = x.reshape(-1)
+        start = flat.storage_offset() + base
+
+        def view(r0, n, off):
+            return flat.as_strided((n, *sizes), (n_in, *strides), start + r0 * n_in + off)
+
+        v = [view(0, b, o) for o in offsets]  # (B, *out_shape) strided views, no copies
+        out = x.new_empty((rows, *node.out_shape))
+        value = out[:b]
+        if len(v) == 1:
+            value.copy_(v[0])
+        else:
+            torch.maximum(v[0], v[1], out=value)
+        for e in v[2:]:
+            torch.maximum(value, e, out=value)
+        tied = [self.tol.pool_tied(e, value) for e in v]
+        same = tied
+        low = x.new_full((), -torch.inf)
+        for i in range(n_dir):  # keep the entries that rise fastest, direction by direction
+            masked = [torch.where(s, view(b * (i + 1), b, o), low)
+                      for s, o in zip(same, offsets)]
+            top = masked[0] if len(masked) == 1 else torch.maximum(masked[0], masked[1])
+            for m in masked[2:]:
+                torch.maximum(top, m, out=top)
+            same = [s & self.tol.same_slope(m, top) for s, m in zip(same, masked)]
+        # the first True (the lowest window position), 0 when none: the number of leading
+        # positions before it, counted as the prefixes that hold no True
+        none = ~same[0]
+        lead = torch.zeros(value.shape, dtype=torch.uint8, device=x.device)
+        for s in same[1:]:
+            lead += none.view(torch.uint8)
+            none = none & ~s
+        lead *= (~none).view(torch.uint8)
+        sel = lead.view(b, -1).to(torch.int64)
+        window = node.window.to(sel.device)
+        index = torch.gather(window.unsqueeze(0).expand(b, -1, -1), 2, sel.unsqueeze(2))
+        index = index.squeeze(2)
+        dflat = x[b:].reshape(n_dir, b, -1)
+        torch.gather(dflat, 2, index.unsqueeze(0).expand(n_dir, -1, -1),
+                     out=out[b:].view(n_dir, b, -1))
+        self.select[k] = sel
+        self.index[k] = index
+        n = torch.zeros(b, dtype=torch.int64, device=x.device)
+        for t, s in zip(tied, same):
+            n += (t & ~s).view(b, -1).sum(1)
+        self.n_pool += n
+        return out
+
+    def _maxpool_table(self, k, node: MaxPool, x):
+        b = self.b
         entries = node.gather(x)  # ((D+1)B, n_out, K), padding -inf
         v = entries[:b]
         dv = entries[b:].view(self.n_dir, b, *entries.shape[1:])
@@ -421,3 +487,39 @@ class _ConfigurationRun(Interpreter):
         idx = sel.unsqueeze(2).unsqueeze(0).expand(self.n_dir, -1, -1, -1)
         torch.gather(dv, 3, idx, out=out[b:].view(self.n_dir, b, -1, 1))
         return out
+
+
+_POOL_GRIDS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+"""MaxPool node -> its :func:`_pool_grid` (nodes are immutable)."""
+
+
+def _pool_grid(node: MaxPool):
+    """(base, sizes, strides, offsets) when the window table reads a regular grid of x
+    (``window[o, j] = base + sum_d o_d strides_d + offsets[j]``, o running row-major over
+    ``out_shape``, no padding, at most 256 positions): each position j is then a strided
+    view of x. None otherwise (the window table is gathered). Cached per node."""
+    if node in _POOL_GRIDS:
+        return _POOL_GRIDS[node]
+    grid = None
+    w = node.window
+    sizes = tuple(int(s) for s in node.out_shape)
+    if 0 < w.shape[1] <= 256 and bool((w >= 0).all()) and w.shape[0] == prod(sizes):
+        w = w.to("cpu", torch.int64)
+        first = w[:, 0]
+        offsets = (w[0] - w[0, 0]).tolist()
+        base = int(w[0, 0])
+        strides = []
+        for d in range(len(sizes)):
+            step = prod(sizes[d + 1 :])
+            strides.append(int(first[step] - first[0]) if sizes[d] > 1 else 0)
+        if base >= 0 and all(s >= 0 for s in strides) and min(offsets) >= -base:
+            want = torch.full((), base, dtype=torch.int64)
+            for d, (size, stride) in enumerate(zip(sizes, strides)):
+                shape = [1] * len(sizes)
+                shape[d] = size
+                want = want + (torch.arange(size) * stride).reshape(shape)
+            want = want.reshape(-1, 1) + torch.tensor(offsets, dtype=torch.int64)
+            if torch.equal(w, want):
+                grid = (base, sizes, tuple(strides), tuple(offsets))
+    _POOL_GRIDS[node] = grid
+    return grid

@@ -393,3 +393,108 @@ def test_a_single_input_has_one_region_and_no_neighbours(cnn):
     c = census(cnn, torch.zeros(1, *SHAPE), progress=False)
     assert isinstance(c, Census) and (c.n_inputs, c.n_regions, c.singletons) == (1, 1, 1)
     assert c.neighbours is None and "not computed" in c.layer_table()
+
+
+# --------------------------------------------------------------------------- fast paths
+
+
+def _pool_models():
+    """(model, input shape): max-pools whose windows are a regular grid (non-overlapping,
+    overlapping, stride 1, 1-D) and one with padding (the gathered window table)."""
+    from collections import OrderedDict
+
+    from _models import conv1d_net, randomize_
+    from torch import nn
+
+    def net(seed, pool, shape=(2, 9, 9)):
+        c, h, w = shape
+        body = nn.Sequential(OrderedDict(conv=nn.Conv2d(c, 3, 3, padding=1), relu=nn.ReLU(),
+                                         pool=pool, flatten=nn.Flatten()))
+        n = body(torch.zeros(1, *shape)).shape[1]
+        return randomize_(nn.Sequential(*body, nn.Linear(n, 4)), seed).eval(), shape
+
+    return [
+        (random_cnn(3, channels=(3, 4), input_shape=SHAPE), SHAPE),
+        net(1, nn.MaxPool2d(3, stride=2)),
+        net(2, nn.MaxPool2d(2, stride=1)),
+        net(3, nn.MaxPool2d((2, 3), stride=(1, 2))),
+        net(4, nn.MaxPool2d(3, stride=2, padding=1)),
+        (conv1d_net(5), (3, 20)),
+    ]
+
+
+@pytest.mark.parametrize("case", range(6))
+def test_grid_maxpool_gives_the_window_tables_configuration(case, monkeypatch):
+    """The strided-view max-pool of the configuration pass against the gathered window
+    table (kept as the reference path): same logits, rates, gates, selections, indices,
+    facet counts and gate values, on inputs with ties (zeros, constants, repeats) and
+    under a lexicographic and a per-input tie-break."""
+    from openbox import configuration as cfg
+
+    model, shape = _pool_models()[case]
+    ob = openbox.OpenBox(model, shape)
+    pools = [n for n in ob.program.nodes if type(n).__name__ == "MaxPool"]
+    assert pools and [cfg._pool_grid(n) is None for n in pools] == [case == 4] * len(pools)
+    base = random_input(shape, 10, case)
+    x = torch.cat([base, base[:3], torch.zeros(2, *shape), torch.full((2, *shape), 0.3),
+                   base[:2].round(decimals=1)])
+    x = ob.check_input(x)
+    g = torch.Generator().manual_seed(case)
+    directions = [ob.direction,
+                  torch.randn((2, *shape), generator=g, dtype=torch.float64),
+                  torch.randn((2, x.shape[0], *shape), generator=g, dtype=torch.float64)]
+    for d in directions:
+        fast = cfg.configure(ob.program, x, d, ob.tol, record=True, context=ob.key_context)
+        with monkeypatch.context() as m:
+            m.setattr(cfg, "_pool_grid", lambda node: None)
+            ref = cfg.configure(ob.program, x, d, ob.tol, record=True, context=ob.key_context)
+        assert torch.equal(fast.logits, ref.logits) and torch.equal(fast.rates, ref.rates)
+        a, b = fast.configuration, ref.configuration
+        assert a.region_keys() == b.region_keys()
+        for name in ("on", "select", "index"):
+            da, db = getattr(a, name), getattr(b, name)
+            assert da.keys() == db.keys()
+            assert all(torch.equal(da[k], db[k]) and da[k].dtype == db[k].dtype for k in da)
+        assert torch.equal(a.n_tight_relu, b.n_tight_relu)
+        assert torch.equal(a.n_tight_pool, b.n_tight_pool)
+        for name in ("values", "derivatives", "derivatives2"):
+            da, db = getattr(fast.gate_values, name), getattr(ref.gate_values, name)
+            assert (da is None) == (db is None)
+            assert da is None or all(torch.equal(da[k], db[k]) for k in da)
+    assert int(ref.configuration.n_tight.sum()) > 0  # the data does reach facets
+
+
+def _reference_digests(ob, x, batch_size):
+    """The census's digests as first written: per batch, the region keys' digest16 and a
+    BLAKE2b of each layer's pattern, input by input."""
+    import hashlib
+
+    from openbox.regions.census import _layers, _patterns
+
+    layers = _layers(ob.program)
+    keys, per_layer = [], []
+    for i in range(0, x.shape[0], batch_size):
+        config = ob.configure(ob.check_input(x[i : i + batch_size])).configuration
+        keys += [k.digest16 for k in config.region_keys()]
+        for row in zip(*(np.ascontiguousarray(p) for p in _patterns(config, layers))):
+            per_layer.append([hashlib.blake2b(r.tobytes(), digest_size=16).digest()
+                              for r in row])
+    return keys, per_layer
+
+
+@pytest.mark.parametrize("which", ["cnn", "mlp", "pool1", "pool3", "conv1d"])
+def test_census_digests_match_the_reference(which, cnn, mlp, cnn_data):
+    if which == "cnn":
+        ob, x = cnn, cnn_data[0]
+    elif which == "mlp":
+        ob = mlp
+        x = torch.cat([random_input((4,), 20, 1), torch.zeros(2, 4)])
+    else:
+        model, shape = _pool_models()[{"pool1": 1, "pool3": 3, "conv1d": 5}[which]]
+        ob = openbox.OpenBox(model, shape)
+        x = torch.cat([random_input(shape, 20, 2), torch.zeros(3, *shape)])
+    c = census(ob, x, batch_size=7, progress=False)
+    keys, per_layer = _reference_digests(ob, x, 7)
+    assert [bytes(d) for d in c.digests] == keys
+    assert [[bytes(d) for d in row] for row in c.layer_digests] == per_layer
+    assert c.layer_digests.shape == (x.shape[0], len(c.layers), 16)

@@ -627,11 +627,9 @@ def census(
         for i in range(0, xb.shape[0], batch_size):
             x = xb[i : i + batch_size]
             lg, config, _, _ = ob.configure(x)
-            keys = config.region_keys()
-            dig = np.frombuffer(b"".join(k.digest16 for k in keys), dtype=np.uint8)
-            dig = dig.reshape(len(keys), DIGEST_BYTES)
             patterns = _patterns(config, layers)
-            columns = [dig, _digest_rows(patterns, len(keys)),
+            dig = _key_digests(config, layers, patterns)
+            columns = [dig, _digest_rows(patterns, config.batch_size),
                        config.n_tight.cpu().numpy().astype(np.int64),
                        lg.argmax(dim=1).cpu().numpy().astype(np.int64)]
             if labelled:
@@ -715,15 +713,37 @@ def _patterns(config, layers: tuple[Layer, ...]) -> list[np.ndarray]:
     return out
 
 
+def _key_digests(config, layers: tuple[Layer, ...], patterns: list[np.ndarray]) -> np.ndarray:
+    """(B, 16) uint8: every input's :attr:`RegionKey.digest16`, hashed straight from the
+    layer patterns (the key's packing is their bytes in node order, as
+    :meth:`Configuration.region_keys` lays them out) without building the keys."""
+    b = config.batch_size
+    nodes = [layer.node for layer in layers]
+    if nodes != sorted(set(config.on) | set(config.select)):  # not the key's layout
+        keys = config.region_keys()
+        dig = np.frombuffer(b"".join(k.digest16 for k in keys), dtype=np.uint8)
+        return dig.reshape(b, DIGEST_BYTES)
+    parts = [np.ascontiguousarray(p).view(np.uint8).reshape(b, -1) for p in patterns]
+    packed = (np.concatenate(parts, axis=1) if parts
+              else np.zeros((b, 0), dtype=np.uint8))
+    head = hashlib.blake2b(config.context, digest_size=DIGEST_BYTES)
+    out = bytearray()
+    for row in packed:
+        h = head.copy()
+        h.update(row)
+        out += h.digest()
+    return np.frombuffer(bytes(out), dtype=np.uint8).reshape(b, DIGEST_BYTES)
+
+
 def _digest_rows(patterns: list[np.ndarray], b: int) -> np.ndarray:
     """(B, L, 16) uint8: the BLAKE2b digest of every input's pattern of every layer."""
-    out = np.empty((b, len(patterns), DIGEST_BYTES), dtype=np.uint8)
-    for j, p in enumerate(patterns):
-        p = np.ascontiguousarray(p)
-        for i in range(b):
-            d = hashlib.blake2b(p[i].tobytes(), digest_size=DIGEST_BYTES).digest()
-            out[i, j] = np.frombuffer(d, dtype=np.uint8)
-    return out
+    out = bytearray()
+    rows = [np.ascontiguousarray(p) for p in patterns]
+    blake2b = hashlib.blake2b
+    for i in range(b):
+        for p in rows:
+            out += blake2b(p[i], digest_size=DIGEST_BYTES).digest()
+    return np.frombuffer(bytes(out), dtype=np.uint8).reshape(b, len(patterns), DIGEST_BYTES)
 
 
 def _labels(y, n: int, where: str) -> np.ndarray:
