@@ -4,9 +4,10 @@ read the ratios).
 For each data set: images/s of the model's own forward (float64, the OpenBox's reference
 copy, and float32, the model as loaded), of the bare configuration pass
 (``ob.configure`` per batch, the census's floor) and of :func:`openbox.regions.census`
-(with its nearest-neighbour statistics on up to 2,000 inputs, and without);
-the ratio census / forward (target >= 0.3), the census's own overhead over the bare
-pass, the number of regions, and the peak RSS growth during the census.
+(with its nearest-neighbour statistics on up to 2,000 inputs, and without), the best
+and the median of the repeats; the ratio census / forward of the best (target >= 0.3),
+the census's own overhead over the bare pass, the number of regions, and the peak RSS
+growth during the census.
 
     python experiments/bench_census.py [--data DIR] [--train] [--repeats 3]
 
@@ -20,6 +21,7 @@ from __future__ import annotations
 import argparse
 import os
 import resource
+import statistics
 import time
 
 import torch
@@ -105,11 +107,13 @@ def bench(name, model, ob, x, y, repeats, batch):
         if r == 0:
             c, growth = c_r, g
     f64, f32, fcfg, fc, fc0 = (n / min(t) for t in (t64, t32, tcfg, tc, tc0))
-    print(f"  forward float64 (reference copy) {f64:9.0f} images/s")
-    print(f"  forward float32 (model)          {f32:9.0f} images/s")
-    print(f"  configure pass (float64)         {fcfg:9.0f} images/s")
-    print(f"  census (float64)                 {fc:9.0f} images/s")
-    print(f"  census without neighbours        {fc0:9.0f} images/s")
+    m64, m32_, mcfg, mc, mc0 = (n / statistics.median(t) for t in (t64, t32, tcfg, tc, tc0))
+    print("  images/s                          best   median")
+    print(f"  forward float64 (reference copy) {f64:9.0f} {m64:8.0f}")
+    print(f"  forward float32 (model)          {f32:9.0f} {m32_:8.0f}")
+    print(f"  configure pass (float64)         {fcfg:9.0f} {mcfg:8.0f}")
+    print(f"  census (float64)                 {fc:9.0f} {mc:8.0f}")
+    print(f"  census without neighbours        {fc0:9.0f} {mc0:8.0f}")
     print(f"  ratio census / forward float64: {fc / f64:.3f} (target >= 0.3); census / "
           f"forward float32: {fc / f32:.3f}; census / configure pass: {fc / fcfg:.3f} (without "
           f"neighbours {fc0 / fcfg:.3f})")
