@@ -468,13 +468,43 @@ def step_along(
 ) -> Tensor:
     """(B,) float64: the largest dt >= 0 with every row of each input's region still
     satisfied at ``x + dt u`` (``inf`` if no row falls). Only rows with ``rate < 0``
-    can run out; the tie-break along u gives tied rows ``rate >= 0``."""
-    best = torch.full((config.batch_size,), float("inf"), dtype=torch.float64)
-    for k, slack, rate in rows_along(program, config, gates, tol):
-        falling = rate < 0
+    can run out; the tie-break along u gives tied rows ``rate >= 0``.
+
+    The rows are those of :func:`rows_along`; the same-function test that zeroes the rate
+    of a tied flat row is evaluated only where it can matter (a tied row that falls)."""
+    b = config.batch_size
+    best = torch.full((b,), float("inf"), dtype=torch.float64)
+    for k in program.gates:
+        node = program.nodes[k]
+        z = gates.values[k].reshape(b, -1)
+        dz = gates.derivatives[k].reshape(b, -1)
+        if isinstance(node, ReLU):
+            sign = _relu_sign(config, k, z)
+            slack = _relu_slack(sign, z, tol)
+            rate = sign * dz
+            falling = rate < 0
+            if not bool(falling.any()):
+                continue
+            tied = falling & (slack == 0)
+            if bool(tied.any()):
+                falling = falling & ~(tied & ~tol.relu_moving(dz))
+        else:
+            zi = node.gather(z)  # (B, n_out, K)
+            sel = config.select[k].unsqueeze(2)
+            slack = _pool_slack(zi, zi.gather(2, sel), tol).flatten(1)  # padding: +inf
+            di = node.gather(dz, fill=0.0)
+            dj = di.gather(2, sel)
+            rate = (dj - di).flatten(1)
+            falling = rate < 0
+            if not bool(falling.any()):
+                continue
+            tied = falling & (slack == 0)
+            if bool(tied.any()):
+                flat = (tol.same_slope(di, dj) & tol.same_slope(dj, di)).flatten(1)
+                falling = falling & ~(tied & flat)
         if not bool(falling.any()):
             continue
-        t = torch.where(falling, slack.clamp_min(0) / torch.where(falling, -rate, 1), torch.inf)
+        t = (slack.clamp_min(0) / -rate).masked_fill_(~falling, torch.inf)
         if bool(t.isnan().any()):
             raise RuntimeError(f"NaN in the step along a line (gate node {k})")
         best = torch.minimum(best, t.amin(dim=1).double().cpu())
