@@ -324,25 +324,10 @@ class Explainer:
         return x.detach().to(dtype=self.dtype, device=self.device)
 
     def check_target(self, target, batch: int) -> Tensor:
-        """An int or a (B,) integer tensor -> (B,) int64 on the device, each in [0, C)."""
-        if isinstance(target, bool):
-            raise ValueError(f"{self.name}: target must be an int or a ({batch},) int64 tensor")
-        if isinstance(target, int):
-            t = torch.full((batch,), target, dtype=torch.int64)
-        else:
-            t = torch.as_tensor(target)
-            if t.dtype.is_floating_point or t.dtype == torch.bool:
-                raise ValueError(f"{self.name}: target must hold integers, got {t.dtype}")
-            t = t.to(torch.int64).reshape(-1)
-            if t.numel() == 1 and batch > 1:
-                t = t.expand(batch).clone()
-            if t.shape != (batch,):
-                raise ValueError(f"{self.name}: target must be an int or a ({batch},) tensor, "
-                                 f"got shape {tuple(torch.as_tensor(target).shape)}")
-        c = self.num_classes
-        if bool(((t < 0) | (t >= c)).any()):
-            raise ValueError(f"{self.name}: target must lie in [0, {c}), got {t.tolist()[:10]}")
-        return t.to(self.device)
+        """An int or a (B,) integer tensor -> (B,) int64 on the device, each in [0, C)
+        (see :func:`check_targets`; a one-element tensor stands for every input)."""
+        return check_targets(target, batch, self.num_classes, prefix=f"{self.name}: ",
+                             broadcast=True).to(self.device)
 
     @property
     def num_classes(self) -> int:
@@ -416,6 +401,34 @@ def get(name: str, model: nn.Module, input_shape: Sequence[int] = (1, 28, 28),
 
 
 # ----------------------------------------------------------------------------- small parts
+
+
+def check_targets(target, batch: int, classes: int, *, name: str = "target",
+                  prefix: str = "", broadcast: bool = False) -> Tensor:
+    """An int or a (B,) integer tensor -> (B,) int64 (on the CPU), each in [0, classes).
+
+    ``broadcast``: a one-element tensor stands for every input. ValueError, starting with
+    ``prefix`` and naming ``name``, for a bool, a floating or bool tensor, a wrong length,
+    or a class out of range.
+    """
+    if isinstance(target, bool):
+        raise ValueError(f"{prefix}{name} must be an int or a ({batch},) int64 tensor, got a "
+                         "bool")
+    if isinstance(target, int):
+        t = torch.full((batch,), target, dtype=torch.int64)
+    else:
+        t = torch.as_tensor(target)
+        if t.dtype.is_floating_point or t.dtype == torch.bool:
+            raise ValueError(f"{prefix}{name} must hold integers, got {t.dtype}")
+        t = t.to(torch.int64).reshape(-1)
+        if broadcast and t.numel() == 1 and batch > 1:
+            t = t.expand(batch).clone()
+        if t.shape != (batch,):
+            raise ValueError(f"{prefix}{name} must be an int or a ({batch},) tensor, got shape "
+                             f"{tuple(torch.as_tensor(target).shape)}")
+    if bool(((t < 0) | (t >= classes)).any()):
+        raise ValueError(f"{prefix}{name} must lie in [0, {classes}), got {t.tolist()[:10]}")
+    return t
 
 
 def _shape(input_shape) -> tuple[int, ...]:

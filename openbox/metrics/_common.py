@@ -9,6 +9,7 @@ import torch
 from torch import Tensor, nn
 
 import linearize
+from openbox.explainers.base import check_targets
 
 
 def check_batch(x, name: str = "x", shape: Sequence[int] | None = None) -> Tensor:
@@ -41,22 +42,9 @@ def check_pair(a, b, names: tuple[str, str] = ("a", "b")) -> tuple[Tensor, Tenso
 
 
 def check_target(target, batch: int, classes: int, name: str = "target") -> Tensor:
-    """An int or a (B,) integer tensor -> (B,) int64 in [0, classes)."""
-    if isinstance(target, bool):
-        raise ValueError(f"{name} must be an int or a ({batch},) integer tensor, got a bool")
-    if isinstance(target, int):
-        t = torch.full((batch,), target, dtype=torch.int64)
-    else:
-        t = torch.as_tensor(target)
-        if t.dtype.is_floating_point or t.dtype == torch.bool:
-            raise ValueError(f"{name} must hold integers, got {t.dtype}")
-        t = t.to(torch.int64).reshape(-1)
-        if t.shape != (batch,):
-            raise ValueError(f"{name} must be an int or a ({batch},) tensor, got shape "
-                             f"{tuple(torch.as_tensor(target).shape)}")
-    if bool(((t < 0) | (t >= classes)).any()):
-        raise ValueError(f"{name} must lie in [0, {classes}), got {t.tolist()[:10]}")
-    return t
+    """An int or a (B,) integer tensor -> (B,) int64 in [0, classes) (no broadcasting of a
+    one-element tensor; :func:`openbox.explainers.base.check_targets`)."""
+    return check_targets(target, batch, classes, name=name)
 
 
 def generator(seed: int, device: torch.device | str = "cpu") -> torch.Generator:
