@@ -253,16 +253,21 @@ def _qualname(fn) -> str:
 # ----------------------------------------------------------------------------- layers
 
 
-def conv_calls(model: nn.Module, input_shape: Sequence[int]) -> list[str]:
-    """Paths of the ``nn.Conv2d`` modules ``model`` calls on one zero input, in call order
-    (a module called twice appears twice). Hooks are removed before returning."""
+def module_calls(model: nn.Module, input_shape: Sequence[int], select, *,
+                 dtype: torch.dtype | None = None,
+                 device: torch.device | None = None) -> list[str]:
+    """Paths of the modules ``m`` with ``select(m)`` that ``model`` calls on one zero input
+    (1, *input_shape), in the order the calls start (a module called twice appears twice).
+    dtype / device default to the first parameter's. Hooks are removed before returning."""
     param = next(iter(model.parameters()), None)
-    dtype = param.dtype if param is not None else torch.float32
-    device = param.device if param is not None else torch.device("cpu")
+    if dtype is None:
+        dtype = param.dtype if param is not None else torch.float32
+    if device is None:
+        device = param.device if param is not None else torch.device("cpu")
     calls: list[str] = []
     handles = [
-        m.register_forward_hook(lambda *_, path=path: calls.append(path))
-        for path, m in model.named_modules() if isinstance(m, nn.Conv2d)
+        m.register_forward_pre_hook(lambda *_, path=path: calls.append(path))
+        for path, m in model.named_modules() if select(m)
     ]
     try:
         with torch.no_grad():
@@ -271,6 +276,12 @@ def conv_calls(model: nn.Module, input_shape: Sequence[int]) -> list[str]:
         for h in handles:
             h.remove()
     return calls
+
+
+def conv_calls(model: nn.Module, input_shape: Sequence[int]) -> list[str]:
+    """Paths of the ``nn.Conv2d`` modules ``model`` calls on one zero input, in call order
+    (a module called twice appears twice)."""
+    return module_calls(model, input_shape, lambda m: isinstance(m, nn.Conv2d))
 
 
 def last_conv_layer(model: nn.Module, input_shape: Sequence[int], *,

@@ -12,6 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from openbox.explainers.base import Explainer
+from openbox.explainers.surgery import module_calls
 from openbox.metrics._common import generator
 from openbox.metrics.similarity import spearman
 
@@ -41,25 +42,10 @@ def layers_in_forward_order(model: nn.Module, input_shape, dtype: torch.dtype,
     """Paths of the modules that own parameters, in the order a forward pass of a zero input
     (1, *input_shape) first calls them. Modules the forward pass never calls are left out.
     Hooks go on a deep copy, so ``model`` is untouched."""
-    probe = copy.deepcopy(model)
-    order: list[str] = []
-    handles = []
-    for path, m in probe.named_modules():
-        if next(m.parameters(recurse=False), None) is None:
-            continue
-
-        def hook(module, args, path=path):
-            if path not in order:
-                order.append(path)
-
-        handles.append(m.register_forward_pre_hook(hook))
-    try:
-        with torch.no_grad():
-            probe(torch.zeros(1, *input_shape, dtype=dtype, device=device))
-    finally:
-        for h in handles:
-            h.remove()
-    return order
+    calls = module_calls(copy.deepcopy(model), input_shape,
+                         lambda m: next(m.parameters(recurse=False), None) is not None,
+                         dtype=dtype, device=device)
+    return list(dict.fromkeys(calls))
 
 
 def normal_init(path: str, module: nn.Module, g: torch.Generator) -> None:
