@@ -81,11 +81,8 @@ def _train(ctx: Context, name, arch, full, tiny, options, train_set, test_set):
 
 
 def _nearest(x: torch.Tensor, pool: torch.Tensor) -> tuple[int, float]:
-    d = torch.cdist(x.flatten()[None].double(), pool.flatten(1).double(),
-                    compute_mode="donot_use_mm_for_euclid_dist")[0]
-    d[d == 0] = float("inf")
-    j = int(d.argmin())
-    return j, float(d[j])
+    distance, index = metrics.nearest_neighbours(x[None].double(), pool.double())
+    return int(index[0, 0]), float(distance[0, 0])
 
 
 def _hamming(ob: OpenBox, a: torch.Tensor, b: torch.Tensor) -> list[tuple[str, float]]:
@@ -222,10 +219,8 @@ def _planes(ctx: Context, trained, test_set) -> Figure:
     axes = fig.subplots(1, len(names), squeeze=False)[0]
     i = seeded_subset(len(test_set), 1, seed=SEED + 6)[0]
     x0 = test_set.images[i].double()
-    flat = test_set.images.flatten(1).double()
-    d = torch.cdist(x0.flatten()[None], flat, compute_mode="donot_use_mm_for_euclid_dist")[0]
-    d[d == 0] = float("inf")
-    j, k = (int(t) for t in d.argsort()[:2])
+    _, index = metrics.nearest_neighbours(x0[None], test_set.images.double(), k=2)
+    j, k = (int(t) for t in index[0])
     # towards the two nearest test images: x0 + a (y - x0) + b (z - x0) stays in [0, 1]
     # for a, b >= 0 with a + b <= 1, so the map's extent lies inside the domain
     u = test_set.images[j].double() - x0

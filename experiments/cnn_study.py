@@ -25,7 +25,7 @@ from __future__ import annotations
 import torch
 
 from experiments.common import SEED, Context, Timer, median, seeded_subset
-from openbox import OpenBox, explainers
+from openbox import OpenBox, explainers, metrics
 from openbox.comparison import MEASURES, compare
 from openbox.fmnist.data import CLASSES, INPUT_SHAPE
 from openbox.regions.integrated_gradients import integrated_gradients
@@ -143,11 +143,10 @@ def _exact(ctx: Context, model, test_set, timing) -> None:
         timing.append({"what": "inscribed radius (LP)", "n": 1,
                        "seconds_per_explanation": ti.seconds})
     crossed = []
-    flat = test_set.images.flatten(1).double()
-    for i in ctx.bar(range(min(s.segment_images, len(index))), desc="segments"):
-        d = torch.cdist(x[i].flatten()[None], flat, compute_mode="donot_use_mm_for_euclid_dist")[0]
-        d[d == 0] = float("inf")
-        j = int(d.argmin())
+    n_seg = min(s.segment_images, len(index))
+    _, nearest = metrics.nearest_neighbours(x[:n_seg], test_set.images.double())
+    for i in ctx.bar(range(n_seg), desc="segments"):
+        j = int(nearest[i, 0])
         with Timer() as ts:
             pieces = segment(ob, x[i], test_set.images[j].double(), progress=False)
         crossed.append(len(pieces))

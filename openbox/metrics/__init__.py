@@ -23,11 +23,17 @@ from openbox.metrics.randomisation import (
 )
 from openbox.metrics.sensitivity import sensitivity, uniform_ball
 from openbox.metrics.similarity import cosine, rank, spearman
-from openbox.metrics.stability import Consistency, consistency, seed_stability
+from openbox.metrics.stability import (
+    Consistency,
+    consistency,
+    nearest_neighbours,
+    seed_stability,
+)
 
 __all__ = [
     "Consistency", "Faithfulness", "LocalFidelity", "Randomisation", "consistency", "cosine",
-    "exactness", "faithfulness", "layers_in_forward_order", "local_fidelity", "neighbours",
+    "exactness", "faithfulness", "layers_in_forward_order", "local_fidelity",
+    "nearest_neighbours", "neighbours",
     "normal_init", "randomisation", "rank", "removal_order", "seed_stability", "sensitivity",
     "spearman", "uniform_ball",
 ]

@@ -77,6 +77,32 @@ class Consistency:
     same_region_noise: Tensor | None
 
 
+def nearest_neighbours(x: Tensor, reference: Tensor, k: int = 1) -> tuple[Tensor, Tensor]:
+    """The k nearest entries of ``reference`` (N, *in) to each x[b] (B, *in), by L2 in pixel
+    space, excluding exact copies of x[b] (distance 0 and equal): (distance (B, k) float64,
+    index (B, k) int64), nearest first, ties to the lowest index.
+
+    Distances are computed directly (not by the matrix-product shortcut), exact enough to
+    rank near ties, and 0 only for copies (or differences that underflow when squared,
+    which are checked with ``torch.equal``). ValueError when an input has fewer than k
+    entries that are not its copies.
+    """
+    flat_x = x.reshape(x.shape[0], -1).double()
+    flat_r = reference.reshape(reference.shape[0], -1).double()
+    dist = torch.cdist(flat_x, flat_r, compute_mode="donot_use_mm_for_euclid_dist")   # (B, N)
+    for b, j in (dist == 0).nonzero().tolist():
+        if torch.equal(x[b], reference[j]):
+            dist[b, j] = float("inf")
+    short = (~torch.isinf(dist)).sum(1) < k
+    if bool(short.any()):
+        bad = short.nonzero().flatten().tolist()
+        what = "nothing but copies" if k == 1 else f"fewer than {k} entries besides copies"
+        raise ValueError(f"reference holds {what} of inputs {bad[:10]}: they have no "
+                         f"neighbour{'s' * (k > 1)}")
+    distance, index = torch.sort(dist, dim=1, stable=True)
+    return distance[:, :k], index[:, :k]
+
+
 def consistency(explainer: Explainer, x: Tensor, target, reference: Tensor, *,
                 noise: float = 1e-3, seed: int = 0, clip: tuple[float, float] | None = None,
                 zero: float | None = None) -> Consistency:
@@ -120,19 +146,7 @@ def consistency(explainer: Explainer, x: Tensor, target, reference: Tensor, *,
         raise ValueError(f"noise must be a positive float, got {noise!r}")
     if clip is not None and (len(clip) != 2 or not float(clip[0]) <= float(clip[1])):
         raise ValueError(f"clip must be None or (lo, hi) with lo <= hi, got {clip!r}")
-    flat_x = x.reshape(x.shape[0], -1).double()
-    flat_r = reference.reshape(reference.shape[0], -1).double()
-    # the direct (not matrix-product) distance: exact enough to rank near ties, and 0 only
-    # for copies (or differences that underflow when squared, checked below)
-    dist = torch.cdist(flat_x, flat_r, compute_mode="donot_use_mm_for_euclid_dist")   # (B, N)
-    for b, j in (dist == 0).nonzero().tolist():
-        if torch.equal(x[b], reference[j]):
-            dist[b, j] = float("inf")
-    if bool(torch.isinf(dist).all(1).any()):
-        bad = torch.isinf(dist).all(1).nonzero().flatten().tolist()
-        raise ValueError(f"reference holds nothing but copies of inputs {bad[:10]}: they have "
-                         "no neighbour")
-    distance, index = dist.min(1)          # first minimum: lowest index on ties
+    distance, index = (t[:, 0] for t in nearest_neighbours(x, reference))
     nb = reference[index]
     g = generator(seed, x.device)
     noisy = x + noise * torch.randn(x.shape, generator=g, dtype=x.dtype, device=x.device)
