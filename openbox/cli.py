@@ -262,33 +262,31 @@ def _expected_errors() -> tuple[type[BaseException], ...]:
 # --- train -------------------------------------------------------------------------------
 
 
+MMR_DEFAULTS = {"gamma": 0.05, "k": 20, "ramp_epochs": 1.0, "probes": 4, "max_examples": 16}
+MMR_FLAGS = {"gamma": "mmr_gamma", "k": "mmr_k", "ramp_epochs": "mmr_ramp_epochs",
+             "probes": "mmr_probes", "max_examples": "mmr_examples"}
+"""mmr_penalty option -> the argparse dest of its ``--mmr-*`` flag (None: the default)."""
+
+
 def _mmr(args: argparse.Namespace):
     """The MMR-style penalty of ``--mmr WEIGHT`` and its options, or (None, None)."""
+    given = {key: getattr(args, dest) for key, dest in MMR_FLAGS.items()
+             if getattr(args, dest) is not None}
     if args.mmr is None:
-        for flag in ("mmr_gamma", "mmr_k", "mmr_ramp_epochs", "mmr_probes", "mmr_examples"):
-            if getattr(args, flag) is not None:
-                raise UsageError(f"--{flag.replace('_', '-')} needs --mmr WEIGHT")
+        if given:
+            flag = MMR_FLAGS[next(iter(given))].replace("_", "-")
+            raise UsageError(f"--{flag} needs --mmr WEIGHT")
         return None, None
     from openbox.fmnist.regularisers import mmr_penalty
 
-    options = {"weight": args.mmr, "gamma": MMR_DEFAULTS["gamma"] if args.mmr_gamma is None
-               else args.mmr_gamma,
-               "k": MMR_DEFAULTS["k"] if args.mmr_k is None else args.mmr_k,
-               "ramp_epochs": MMR_DEFAULTS["ramp_epochs"] if args.mmr_ramp_epochs is None
-               else args.mmr_ramp_epochs,
-               "probes": MMR_DEFAULTS["probes"] if args.mmr_probes is None else args.mmr_probes,
-               "max_examples": MMR_DEFAULTS["max_examples"] if args.mmr_examples is None
-               else args.mmr_examples}
+    options = {"weight": args.mmr, **MMR_DEFAULTS, **given}
     try:
         penalty = mmr_penalty(options["weight"], options["gamma"], options["k"],
                               options["ramp_epochs"], probes=options["probes"],
                               max_examples=options["max_examples"])
     except ValueError as exc:
         raise UsageError(f"--mmr: {exc}") from exc
-    return penalty, {k: (float(v) if isinstance(v, float) else v) for k, v in options.items()}
-
-
-MMR_DEFAULTS = {"gamma": 0.05, "k": 20, "ramp_epochs": 1.0, "probes": 4, "max_examples": 16}
+    return penalty, options
 
 
 def cmd_train(args: argparse.Namespace) -> int:
