@@ -118,7 +118,8 @@ def main(argv=None) -> int:
     ob = openbox.OpenBox(model, INPUT_SHAPE, dtype=torch.float64, domain=(0.0, 1.0))
     print(f"{info.arch} {info.arch_kwargs}, float64, {args.threads} threads, "
           f"torch {torch.__version__}")
-    segment_section(ob, images, args.pairs, args.walkers)
+    if args.pairs:
+        segment_section(ob, images, args.pairs, args.walkers)
     if args.planes:
         plane_section(ob, images, args.plane_extent, args.planes)
     if not args.skip_ig:
