@@ -1,4 +1,4 @@
-"""The LP wrapper: statuses, known optima, both methods, the incremental model."""
+"""The LP / QP wrapper: statuses, known optima, both methods, the incremental model, QPs."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import scipy.optimize
 import scipy.sparse as sp
 import torch
 
-from openbox.geometry.lp import IncrementalLP, LPError, solve_lp
+from openbox.geometry.lp import IncrementalLP, LPError, solve_lp, solve_qp
 from openbox.tolerances import FLOAT64
 
 TOL = FLOAT64
@@ -150,3 +150,109 @@ def test_solver_failure_raises_lperror():
     model._h.setOptionValue("presolve", "off")
     with pytest.raises(LPError, match="HiGHS"):
         model.solve()
+
+
+# ------------------------------------------------------------------------------------------
+# solve_qp: optima known in closed form
+# ------------------------------------------------------------------------------------------
+
+
+def test_qp_unconstrained_optimum_is_the_linear_solve():
+    # min x.P x / 2 + q.x with P positive definite: x = -P^-1 q, value -q.P^-1 q / 2.
+    rng = np.random.default_rng(4)
+    B = rng.standard_normal((6, 6))
+    P = B @ B.T + 0.5 * np.eye(6)
+    q = rng.standard_normal(6)
+    want = -np.linalg.solve(P, q)
+    res = solve_qp(P, q, None, None, tol=TOL)
+    assert res.status == "optimal" and res.message.startswith("Clarabel")
+    np.testing.assert_allclose(res.x, want, rtol=0, atol=1e-7)
+    assert res.value == pytest.approx(0.5 * q @ want, abs=1e-8)
+    assert res.dual.shape == (0,)
+
+
+def test_qp_projection_onto_a_half_space():
+    # argmin ||x - p||^2 / 2 s.t. a.x <= b: x = p - t a with t = (a.p - b) / ||a||^2 when
+    # p violates the row, and t is the row's multiplier; p itself (multiplier 0) otherwise.
+    a = np.array([1.0, -2.0, 2.0])
+    b = 1.0
+    for p, t in ((np.array([3.0, 0.0, 1.0]), (5.0 - 1.0) / 9.0), (np.zeros(3), 0.0)):
+        res = solve_qp(np.eye(3), -p, a[None], [b], tol=TOL)
+        assert res.status == "optimal"
+        np.testing.assert_allclose(res.x, p - t * a, rtol=0, atol=1e-8)
+        np.testing.assert_allclose(res.dual, [t], rtol=0, atol=1e-8)
+        assert res.value == pytest.approx(0.5 * t**2 * (a @ a) - 0.5 * p @ p, abs=1e-8)
+
+
+def test_qp_projection_onto_a_box_by_bounds_and_by_rows():
+    # argmin ||x - p||^2 / 2 over lo <= x <= hi is clip(p, lo, hi), coordinate by coordinate.
+    p = np.array([-2.0, 0.3, 5.0, 0.9])
+    lo, hi = np.array([0.0, 0.0, 0.0, -np.inf]), np.array([1.0, 1.0, 2.0, 0.5])
+    want = np.clip(p, lo, hi)
+    by_bounds = solve_qp(sp.identity(4), -p, None, None, bounds=(lo, hi), tol=TOL)
+    np.testing.assert_allclose(by_bounds.x, want, rtol=0, atol=1e-8)
+    fin = np.isfinite(lo)
+    A = np.vstack([np.eye(4), -np.eye(4)[fin]])
+    b = np.concatenate([hi, -lo[fin]])
+    by_rows = solve_qp(torch.eye(4, dtype=torch.float64), torch.from_numpy(-p), A, b, tol=TOL)
+    np.testing.assert_allclose(by_rows.x, want, rtol=0, atol=1e-8)
+    # multipliers: p - x on the upper rows that bind, x - p on the lower ones
+    np.testing.assert_allclose(by_rows.dual, np.concatenate(
+        [np.maximum(p - hi, 0), np.maximum(lo - p, 0)[fin]]), rtol=0, atol=1e-8)
+
+
+def test_qp_equality_rows():
+    # argmin ||x||^2 / 2 s.t. sum(x) = 1: x = 1/k everywhere.
+    res = solve_qp(np.eye(5), np.zeros(5), None, None, A_eq=np.ones((1, 5)), b_eq=[1.0],
+                   tol=TOL)
+    assert res.status == "optimal"
+    np.testing.assert_allclose(res.x, np.full(5, 0.2), rtol=0, atol=1e-8)
+
+
+def test_qp_without_p_is_the_clarabel_lp():
+    ipm = solve_lp(C, A_UB, B_UB, bounds=(0.0, None), tol=TOL, method="clarabel")
+    res = solve_qp(None, C, A_UB, B_UB, bounds=(0.0, None), tol=TOL)
+    assert res.status == "optimal"
+    np.testing.assert_allclose(res.x, [1.6, 1.2], rtol=0, atol=1e-7)
+    np.testing.assert_array_equal(res.x, ipm.x)
+    np.testing.assert_array_equal(res.dual, ipm.dual)
+    assert res.value == ipm.value
+
+
+def test_qp_infeasible_and_unbounded_are_statuses():
+    # x <= -1 and -x <= -1; then P singular with q along its null space: x_2 -> inf.
+    infeasible = solve_qp(np.eye(1), [0.0], [[1.0], [-1.0]], [-1.0, -1.0], tol=TOL)
+    assert infeasible.status == "infeasible" and infeasible.x is None
+    assert infeasible.value == np.inf and "Infeasible" in infeasible.message
+    unbounded = solve_qp(np.diag([1.0, 0.0]), [0.0, -1.0], None, None, tol=TOL)
+    assert unbounded.status == "unbounded" and unbounded.value == -np.inf
+
+
+def test_qp_solver_failure_raises_lperror_with_clarabels_status():
+    with pytest.raises(LPError, match="Clarabel: MaxIterations; the QP was not solved"):
+        solve_qp(np.eye(3), np.ones(3), np.ones((1, 3)), [-1.0], tol=TOL,
+                 clarabel_options={"max_iter": 1})
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        ((np.array([[1.0, np.nan], [np.nan, 1.0]]), np.zeros(2), None, None),
+         "P has 2 non-finite entries"),
+        ((np.eye(2), [0.0, np.nan], None, None), "q has 1 non-finite entries"),
+        ((np.eye(2), np.zeros(2), [[np.inf, 0.0]], [1.0]), "A_ub has 1 non-finite"),
+        ((np.eye(2), np.zeros(2), [[1.0, 0.0]], [np.nan]), "b_ub has 1 NaN entries"),
+        ((np.array([[1.0, 1.0], [0.0, 1.0]]), np.zeros(2), None, None), "P is not symmetric"),
+        ((np.eye(3), np.zeros(2), None, None), r"P has shape \(3, 3\)"),
+        ((np.eye(2), np.zeros(2), [[1.0, 0.0]], [1.0, 2.0]), "A_ub has shape"),
+    ],
+)
+def test_qp_rejects_bad_input(args, message):
+    with pytest.raises(ValueError, match=message):
+        solve_qp(*args, tol=TOL)
+
+
+def test_qp_accepts_an_infinite_right_hand_side_as_no_row():
+    res = solve_qp(np.eye(2), [-2.0, 0.0], [[1.0, 0.0], [0.0, 1.0]], [np.inf, 1.0], tol=TOL)
+    assert res.status == "optimal"
+    np.testing.assert_allclose(res.x, [2.0, 0.0], rtol=0, atol=1e-8)

@@ -1,8 +1,9 @@
-"""The one linear-programming wrapper of openbox: every LP in the project goes through here.
+"""The one LP / QP wrapper of openbox: every LP and QP in the project goes through here.
 
 Convention: an LP is ``minimise c.x subject to A_ub x <= b_ub, A_eq x = b_eq, lo <= x <= hi``
-with x in R^k, float64. Unlike ``scipy.optimize.linprog``, variables are *free* unless
-``bounds`` says otherwise.
+with x in R^k, float64; a QP (:func:`solve_qp`) adds ``x.P x / 2`` to the objective, P
+symmetric positive semidefinite. Unlike ``scipy.optimize.linprog``, variables are *free*
+unless ``bounds`` says otherwise.
 
 Two solvers sit behind one result type:
 
@@ -20,11 +21,14 @@ Two solvers sit behind one result type:
   threads spin on a shared 2-core machine (15 s system CPU per demo region); the whole
   Chebyshev LP held sparse (``chebyshev`` method "sparse") takes about 1 s.
 
-Statuses: ``solve_lp`` returns ``status`` "optimal", "infeasible" or "unbounded" and never
-raises for those; the caller decides what they mean. It raises :class:`LPError` when the
-solver fails (numerical trouble, iteration or time limit, a model the solver rejects),
-with the solver's own message, and ``ValueError`` for inputs of
-inconsistent shape.
+QPs (the counterfactual's nearest point of a region in L2) go to Clarabel alone, with the
+same settings, status mapping and result type as its LPs.
+
+Statuses: ``solve_lp`` and ``solve_qp`` return ``status`` "optimal", "infeasible" or
+"unbounded" and never raise for those; the caller decides what they mean. They raise
+:class:`LPError` when the solver fails (numerical trouble, iteration or time limit, a model
+the solver rejects), with the solver's own message, and ``ValueError`` for inputs of
+inconsistent shape (``solve_qp`` also for NaN or infinite coefficients).
 """
 
 from __future__ import annotations
@@ -39,7 +43,7 @@ import scipy.sparse as sp
 from openbox.geometry.hrep import _block_rows, as_numpy
 from openbox.tolerances import Tolerances
 
-__all__ = ["IncrementalLP", "LPError", "LPResult", "solve_lp"]
+__all__ = ["IncrementalLP", "LPError", "LPResult", "solve_lp", "solve_qp"]
 
 _INF = highspy.kHighsInf
 _MS = highspy.HighsModelStatus
@@ -59,15 +63,17 @@ class LPError(RuntimeError):
 
 @dataclass(frozen=True)
 class LPResult:
-    """Outcome of one LP ``minimise c.x s.t. A_ub x <= b_ub, A_eq x = b_eq, lo <= x <= hi``.
+    """Outcome of one LP ``minimise c.x s.t. A_ub x <= b_ub, A_eq x = b_eq, lo <= x <= hi``
+    (or QP: objective ``x.P x / 2 + c.x``, :func:`solve_qp`).
 
     Attributes:
         status: "optimal", "infeasible" or "unbounded".
         x: (k,) float64 optimal point when optimal, else None.
-        value: c.x at the optimum; +inf when infeasible, -inf when unbounded.
+        value: the objective at the optimum; +inf when infeasible, -inf when unbounded.
         message: the solver's description of the outcome.
         dual: (m_ub,) float64 multipliers y >= 0 of the rows of A_ub when optimal
-            (``c + A_ub^T y + ... = 0`` sign convention: y_i > 0 means row i binds), else None.
+            (``P x + c + A_ub^T y + ... = 0`` sign convention: y_i > 0 means row i binds),
+            else None.
         iterations: simplex pivots or interior-point iterations spent.
     """
 
@@ -283,40 +289,128 @@ class IncrementalLP:
 # ------------------------------------------------------------------------------------------
 
 
-def _solve_clarabel(c, A_ub, b_ub, A_eq, b_eq, lo, hi, tol: Tolerances, options=None
-                    ) -> LPResult:
-    """The LP by Clarabel's interior point. Bounds become rows; equality rows a zero cone.
-
-    Clarabel solves ``min q.x s.t. A x + s = b, s in K`` with dual z in K* and
-    ``q + A^T z = 0`` at the optimum, so the multipliers of the ``<=`` rows are already
-    the y >= 0 of :class:`LPResult`.
-    """
-    k = c.shape[0]
-    eye = sp.identity(k, format="csr")
-    up, down = np.flatnonzero(np.isfinite(hi)), np.flatnonzero(np.isfinite(lo))
-    ineq = sp.vstack([A_ub, eye[up], -eye[down]], format="csc")
-    rhs = np.concatenate([b_ub, hi[up], -lo[down]])
-    cones = [clarabel.NonnegativeConeT(ineq.shape[0])]
-    if A_eq.shape[0]:
-        ineq = sp.vstack([ineq, A_eq], format="csc")
-        rhs = np.concatenate([rhs, b_eq])
-        cones.append(clarabel.ZeroConeT(A_eq.shape[0]))
+def _clarabel_settings(tol: Tolerances, options: dict | None) -> clarabel.DefaultSettings:
+    """Clarabel's settings for one solve: quiet, ``tol.lp`` as its feasibility and gap
+    tolerances, then ``_CLARABEL_SETTINGS``, then the caller's ``options`` (name -> value)."""
     settings = clarabel.DefaultSettings()
     settings.verbose = False
     settings.tol_feas = settings.tol_gap_abs = settings.tol_gap_rel = tol.lp
     for name, value in {**_CLARABEL_SETTINGS, **(options or {})}.items():
         setattr(settings, name, value)
-    solver = clarabel.DefaultSolver(sp.csc_matrix((k, k)), c, sp.csc_matrix(ineq), rhs, cones,
-                                    settings)
+    return settings
+
+
+def _clarabel_rows(A_ub, b_ub, A_eq, b_eq, lo, hi):
+    """(M (r, k) CSC, rhs (r,), cones) of ``M x + s = rhs, s in cones``: the ``<=`` rows
+    first (so their multipliers lead ``z``), then finite upper and lower bounds as rows
+    (nonnegative cone), then the equality rows (zero cone)."""
+    k = A_ub.shape[1]
+    eye = sp.identity(k, format="csr")
+    up, down = np.flatnonzero(np.isfinite(hi)), np.flatnonzero(np.isfinite(lo))
+    M = sp.vstack([A_ub, eye[up], -eye[down]], format="csc")
+    rhs = np.concatenate([b_ub, hi[up], -lo[down]])
+    cones = [clarabel.NonnegativeConeT(M.shape[0])]
+    if A_eq.shape[0]:
+        M = sp.vstack([M, A_eq], format="csc")
+        rhs = np.concatenate([rhs, b_eq])
+        cones.append(clarabel.ZeroConeT(A_eq.shape[0]))
+    return M, rhs, cones
+
+
+def _run_clarabel(P, q, M, rhs, cones, n_ub: int, tol: Tolerances, options, what: str
+                  ) -> LPResult:
+    """Solve ``min x.P x / 2 + q.x s.t. M x + s = rhs, s in cones`` (P: upper triangle,
+    CSC) and map Clarabel's status onto an LPResult, or raise LPError.
+
+    Clarabel's dual z lies in the dual cone with ``P x + q + M^T z = 0`` at the optimum,
+    so the multipliers of the ``<=`` rows are already the y >= 0 of :class:`LPResult`;
+    the first ``n_ub`` of them are reported. ``what`` ("LP", "QP") names the program in
+    the error message."""
+    solver = clarabel.DefaultSolver(P, q, sp.csc_matrix(M), rhs, cones,
+                                    _clarabel_settings(tol, options))
     sol = solver.solve()
     status = str(sol.status)
     message = f"Clarabel: {status}"
+    iterations = int(sol.iterations)
     if status in ("Solved", "AlmostSolved"):
         x = np.array(sol.x, dtype=np.float64)
-        dual = np.array(sol.z, dtype=np.float64)[: b_ub.shape[0]]
-        return LPResult("optimal", x, float(c @ x), message, dual, int(sol.iterations))
+        dual = np.array(sol.z, dtype=np.float64)[:n_ub]
+        value = float(q @ x + 0.5 * x @ (P @ x + P.T @ x - P.diagonal() * x))
+        return LPResult("optimal", x, value, message, dual, iterations)
     if status in ("PrimalInfeasible", "AlmostPrimalInfeasible"):
-        return LPResult("infeasible", None, np.inf, message, None, int(sol.iterations))
+        return LPResult("infeasible", None, np.inf, message, None, iterations)
     if status in ("DualInfeasible", "AlmostDualInfeasible"):
-        return LPResult("unbounded", None, -np.inf, message, None, int(sol.iterations))
-    raise LPError(f"{message}; the LP was not solved")
+        return LPResult("unbounded", None, -np.inf, message, None, iterations)
+    raise LPError(f"{message}; the {what} was not solved")
+
+
+def _solve_clarabel(c, A_ub, b_ub, A_eq, b_eq, lo, hi, tol: Tolerances, options=None
+                    ) -> LPResult:
+    """The LP by Clarabel's interior point. Bounds become rows; equality rows a zero cone."""
+    k = c.shape[0]
+    M, rhs, cones = _clarabel_rows(A_ub, b_ub, A_eq, b_eq, lo, hi)
+    return _run_clarabel(sp.csc_matrix((k, k)), c, M, rhs, cones, b_ub.shape[0], tol,
+                         options, "LP")
+
+
+def solve_qp(
+    P,
+    q,
+    A_ub,
+    b_ub,
+    *,
+    A_eq=None,
+    b_eq=None,
+    bounds=None,
+    tol: Tolerances,
+    clarabel_options: dict | None = None,
+) -> LPResult:
+    """Minimise ``x.P x / 2 + q.x`` subject to ``A_ub x <= b_ub``, ``A_eq x = b_eq``,
+    ``lo <= x <= hi``, by Clarabel's interior point (the settings of :func:`solve_lp`'s
+    method "clarabel": one thread, ``tol.lp``).
+
+    Args:
+        P: (k, k) symmetric positive semidefinite, dense (numpy or torch) or scipy sparse,
+            or None for an LP (then as :func:`solve_lp` with method "clarabel"). Symmetry
+            is checked; positive semidefiniteness is the caller's (Clarabel reports an
+            indefinite P as a failure or an unbounded program).
+        q: (k,) linear term.
+        A_ub, b_ub, A_eq, b_eq, bounds: as in :func:`solve_lp` (variables free by default).
+        tol: ``tol.lp`` is Clarabel's feasibility and duality-gap tolerance.
+        clarabel_options: Clarabel settings over ``_CLARABEL_SETTINGS``, e.g.
+            ``{"direct_solve_method": "qdldl"}`` (faster on sparse rows with few columns).
+
+    Returns:
+        LPResult with status "optimal" (``x``, ``value`` = the objective at x, ``dual``:
+        (m_ub,) multipliers y >= 0 of the rows of A_ub, ``P x + q + A_ub^T y + ... = 0``),
+        "infeasible" or "unbounded" (objective unbounded below), as :func:`solve_lp`: those
+        are statuses, not errors; the caller decides what they mean.
+
+    Raises:
+        LPError: Clarabel failed (numerical trouble, iteration or time limit), with its
+            status in the message.
+        ValueError: inconsistent shapes, a P that is not symmetric, or NaN / infinite
+            entries in P, q or the constraint matrices, or NaN in a right-hand side or bound.
+    """
+    q, A_ub, b_ub, A_eq, b_eq, lo, hi = _prepare(q, A_ub, b_ub, A_eq, b_eq, bounds)
+    k = q.shape[0]
+    if P is None:
+        P = sp.csc_matrix((k, k))
+    else:
+        P = sp.csc_matrix(_to_csr(P))
+        if P.shape != (k, k):
+            raise ValueError(f"P has shape {P.shape} but q has {k} entries")
+    for name, values, finite in (("P", P.data, True), ("q", q, True),
+                                 ("A_ub", A_ub.data, True), ("A_eq", A_eq.data, True),
+                                 ("b_ub", b_ub, False), ("b_eq", b_eq, True),
+                                 ("bounds", np.concatenate([lo, hi]), False)):
+        bad = ~np.isfinite(values) if finite else np.isnan(values)
+        if bad.any():
+            raise ValueError(f"{name} has {int(bad.sum())} {'non-finite' if finite else 'NaN'}"
+                             f" entries; the QP needs {'finite' if finite else 'non-NaN'} "
+                             "numbers")
+    if P.nnz and abs(P - P.T).max() > 0:
+        raise ValueError("P is not symmetric; pass (P + P.T) / 2 for the same objective")
+    M, rhs, cones = _clarabel_rows(A_ub, b_ub, A_eq, b_eq, lo, hi)
+    return _run_clarabel(sp.triu(P, format="csc"), q, M, rhs, cones, b_ub.shape[0], tol,
+                         clarabel_options, "QP")
