@@ -41,7 +41,8 @@ bound is no better than the best point found; the pull-back there looks for *any
 overtaking p, and moves the search to that class. Cost: up to (C - 1) searches, each
 with the ``max_regions`` budget (all of them when some classes cannot be reached).
 
-Solvers: Clarabel's interior point (QDLDL linear algebra) for the QP and the LP alike;
+Solvers: Clarabel's interior point (QDLDL linear algebra) for the QP and the LP alike,
+through the project's one wrapper (:func:`openbox.geometry.solve_qp` / ``solve_lp``);
 variables are shifted to ``x' - x`` so that the solver's relative gap measures the
 distance itself (with ``x'`` the gap would be relative to ||x||^2 and stop early).
 A CNN region has 14,000-30,000 rows in 784 dimensions (the demo CNN's QP over all rows
@@ -60,7 +61,6 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-import clarabel
 import numpy as np
 import scipy.sparse as sp
 import torch
@@ -70,7 +70,7 @@ from tqdm.auto import tqdm
 
 from openbox.configuration import Configuration, GateValues, RegionKey, configure
 from openbox.constraints import build_constraints
-from openbox.geometry import LPError, as_numpy
+from openbox.geometry import LPError, LPResult, as_numpy, solve_lp, solve_qp
 from openbox.linear_maps import compose_backward
 
 __all__ = ["Counterfactual", "counterfactual"]
@@ -134,6 +134,12 @@ no motion off the active facets) to this residual."""
 NUDGE_BAND = 1e-6
 """Decision rows within this (relative to 1 + max|f|) of binding at the optimum are all
 pushed past together by the nudge (several classes can tie there)."""
+
+SOLVER_OPTIONS = {"direct_solve_method": "qdldl"}
+"""Clarabel settings of the region programs, over the wrapper's (:func:`solve_qp`): QDLDL
+linear algebra, 2-5x faster than Clarabel's default (faer) on these sparse programs (a
+demo-CNN working set, measured when this module still called Clarabel itself: QP 3.7 s vs
+0.8 s, LP 6.6 s vs 1.2 s)."""
 
 
 @dataclass(frozen=True, eq=False)
@@ -342,13 +348,12 @@ class _Search:
             rows = [sp.hstack([sp.vstack(rows), sp.csr_array((m, 1))]),
                     sp.hstack([eye, -ones]), sp.hstack([-eye, -ones])]
             rhs += [np.zeros(2 * n)]
-            P, q = sp.csc_matrix((n + 1, n + 1)), np.zeros(n + 1)
+            P, q = None, np.zeros(n + 1)
             q[n] = 1.0
-        out = _clarabel(P, q, sp.vstack(rows), np.concatenate(rhs), self.tol.lp)
-        if out is None:
+        res = _solve(P, q, sp.vstack(rows), np.concatenate(rhs), self.tol)
+        if res is None:
             return None
-        z, dual = out
-        return ref + z[:n], dual[:k]
+        return ref + res.x[:n], res.dual[:k]
 
     def threshold(self, d, l1, x) -> np.ndarray:
         """Per-row violation allowed at x (the project's slack threshold)."""
@@ -470,34 +475,27 @@ class _Search:
         rhs += [hi, -lo]
         q = np.zeros(n + 1)
         q[n] = 1.0
-        out = _clarabel(sp.csc_matrix((n + 1, n + 1)), q, sp.vstack(rows),
-                        np.concatenate(rhs), self.tol.lp)
-        if out is None:
+        res = _solve(None, q, sp.vstack(rows), np.concatenate(rhs), self.tol)
+        if res is None:
             raise LPError("no direction towards the decision in the domain")
-        return out[0][:n]
+        return res.x[:n]
 
 
-def _clarabel(P, q, M, r, tol: float) -> tuple[np.ndarray, np.ndarray] | None:
-    """``minimise z.P z / 2 + q.z  s.t.  M z <= r`` by Clarabel: (z, multipliers of the rows
-    of M, >= 0), None when infeasible; LPError when the solver fails.
-
-    Called directly rather than through :func:`openbox.geometry.solve_lp`: that wrapper
-    takes no quadratic term, and its Clarabel path runs Clarabel's default (faer) linear
-    algebra, 2-5x slower than QDLDL on these sparse programs (a demo-CNN working set: QP
-    3.7 s vs 0.8 s, LP 6.6 s vs 1.2 s)."""
-    settings = clarabel.DefaultSettings()
-    settings.verbose = False
-    settings.direct_solve_method = "qdldl"
-    settings.tol_feas = settings.tol_gap_abs = settings.tol_gap_rel = tol
-    solver = clarabel.DefaultSolver(sp.csc_matrix(P), q, sp.csc_matrix(M), r,
-                                    [clarabel.NonnegativeConeT(M.shape[0])], settings)
-    sol = solver.solve()
-    status = str(sol.status)
-    if status in ("PrimalInfeasible", "AlmostPrimalInfeasible"):
+def _solve(P, q, M, r, tol) -> LPResult | None:
+    """``minimise z.P z / 2 + q.z  s.t.  M z <= r`` (P None: an LP) through the project's
+    wrapper (:func:`solve_qp` / :func:`solve_lp` with Clarabel, :data:`SOLVER_OPTIONS`):
+    the optimal LPResult (``x``: z, ``dual``: multipliers of the rows of M, >= 0), None
+    when infeasible; LPError when the solver fails or reports the program unbounded (a
+    distance is bounded below)."""
+    if P is None:
+        res = solve_lp(q, M, r, tol=tol, method="clarabel", clarabel_options=SOLVER_OPTIONS)
+    else:
+        res = solve_qp(P, q, M, r, tol=tol, clarabel_options=SOLVER_OPTIONS)
+    if res.status == "infeasible":
         return None
-    if status not in ("Solved", "AlmostSolved"):
-        raise LPError(f"Clarabel: {status}; the counterfactual program was not solved")
-    return np.asarray(sol.x), np.asarray(sol.z)
+    if res.status != "optimal":
+        raise LPError(f"{res.message}; the counterfactual program was not solved")
+    return res
 
 
 def _box(domain, n: int) -> tuple[np.ndarray, np.ndarray] | None:
