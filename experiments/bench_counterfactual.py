@@ -9,7 +9,7 @@ inside it) beside the local search's, whether the result is the region-exact min
 own forward confirms it, the regions used, and the seconds spent. The machine is noisy:
 read the seconds as an order of magnitude.
 
-    python experiments/bench_counterfactual.py [--images 5] [--max-regions 50]
+    python experiments/bench_counterfactual.py [--images 5] [--max-regions 50] [--norms 2,inf]
 """
 
 from __future__ import annotations
@@ -39,7 +39,12 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=5)
     parser.add_argument("--max-regions", type=int, default=50)
+    parser.add_argument("--norms", default="2,inf",
+                        help="comma-separated norms to run, of 2 and inf (default: both)")
     args = parser.parse_args(argv)
+    norms = [float(v) if v.strip() == "inf" else int(v) for v in args.norms.split(",")]
+    if not norms or any(v not in (2, float("inf")) for v in norms):
+        parser.error(f"--norms takes 2 and/or inf, got {args.norms!r}")
 
     model, info = load_demo_model()
     ds = load_sample()
@@ -51,7 +56,7 @@ def main(argv=None) -> int:
     print(f"{'image':>5} {'norm':>4} {'class':>7} {'own region':>10} {'search':>10} "
           f"{'ratio':>6} {'exact':>5} {'verif':>5} {'regions':>7} {'own s':>6} {'s':>6}")
     summary = {}
-    for norm in (2, float("inf")):
+    for norm in norms:
         rows = []
         for i in index:
             x = ds.images[i]
