@@ -235,6 +235,30 @@ def test_a_capped_sample_is_uniform_in_size_and_independent_of_batching(cnn, cnn
     assert census(cnn, x, neighbours_n=0, progress=False).neighbours is None
 
 
+@pytest.mark.parametrize("rows", [3, 7, 256])
+def test_nearest_is_the_direct_one_with_exact_ties_and_many_copies(rows, monkeypatch):
+    """The blockwise Gram-matrix search with its certification against the double loop:
+    small integers (every distance exact, so many exact ties, which go to the earliest),
+    more copies of an input than candidates, near ties of 1e-12, and pixel-like data; in
+    blocks of 3, 7 and 256 rows."""
+    import importlib
+
+    module = importlib.import_module("openbox.regions.census")
+    monkeypatch.setattr(module, "DISTANCE_ROWS", rows)
+    rng = np.random.default_rng(rows)
+    ints = rng.integers(0, 3, (40, 5)).astype(np.float64)
+    copies = rng.random((30, 6))
+    copies[5:13] = copies[3]  # 9 equal rows: more than NEIGHBOUR_CANDIDATES
+    copies[20] = copies[1] + 1e-12
+    copies[21] = copies[1] - 1e-12
+    pixels = rng.integers(0, 256, (50, 64)) / 255.0
+    pixels[10:20] = pixels[0]
+    cases = [ints, copies, pixels, ints[:2], ints[:3], ints[:5], copies[:6]]
+    for x in cases:
+        np.testing.assert_array_equal(module._nearest(np.ascontiguousarray(x)),
+                                      _nearest_reference(x))
+
+
 # --------------------------------------------------------------------------- merging
 
 

@@ -80,9 +80,6 @@ DISTANCE_ROWS = 256
 """Sample rows per block of the nearest-neighbour search (memory ~ rows x (sample +
 NEIGHBOUR_CANDIDATES x input size) x 8 B)."""
 
-_POPCOUNT = np.array([bin(i).count("1") for i in range(256)], dtype=np.int64)
-
-
 class Layer(NamedTuple):
     """One gate node of the program.
 
@@ -864,39 +861,119 @@ class _Reservoir:
         if m < 2:
             return None
         order = np.argsort(self.index[:m], kind="stable")  # data order: ties go to the earliest
-        x = torch.from_numpy(self.x[:m][order])
+        x = self.x[:m][order]
         self.x = None  # the reordered copy replaces it
         nn = _nearest(x)
         hamming = np.empty((m, len(self.layers)), dtype=np.int64)
         for j, layer in enumerate(self.layers):
             p = self.patterns[j][:m][order]
             if layer.kind == "relu":
-                hamming[:, j] = _POPCOUNT[p ^ p[nn]].sum(axis=1)
+                hamming[:, j] = np.bitwise_count(p ^ p[nn]).sum(axis=1, dtype=np.int64)
             else:
                 hamming[:, j] = (p != p[nn]).sum(axis=1)
         d = self.digests[:m][order]
         index = self.index[:m][order]
-        distance = torch.linalg.vector_norm(x - x[nn], dim=1).numpy()
+        distance = np.sqrt(_sq_distances(x, x[nn]))
         return Neighbours(index, index[nn], distance, hamming, (d == d[nn]).all(axis=1),
                           self.seed, self.seen)
 
 
-def _nearest(x: Tensor) -> np.ndarray:
-    """(M,) position of each row's nearest other row of x (M, D) float64 in L2; ties go to
-    the smaller position. Candidates come from the Gram-matrix form, blockwise; the
-    winner from the candidates' distances recomputed as sums of squared differences."""
-    m = x.shape[0]
-    sq = x.square().sum(dim=1)
-    k = min(NEIGHBOUR_CANDIDATES, m - 1)
-    out = np.empty(m, dtype=np.int64)
-    for i in range(0, m, DISTANCE_ROWS):
-        rows = slice(i, min(i + DISTANCE_ROWS, m))
-        d2 = sq[rows, None] + sq[None, :] - 2.0 * (x[rows] @ x.T)
-        d2[torch.arange(d2.shape[0]), torch.arange(rows.start, rows.stop)] = torch.inf
-        cand = d2.topk(k, dim=1, largest=False).indices.sort(dim=1).values  # (r, k)
-        exact = (x[cand] - x[rows, None]).square().sum(dim=2)
-        out[rows] = cand.gather(1, exact.argmin(dim=1, keepdim=True)).squeeze(1).numpy()
+def _sq_distances(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Sums of squared differences along the last axis (float64) of a (N, ..., D) and b
+    (N or 1, ..., D), by blocks of DISTANCE_ROWS along the first axis."""
+    out = np.empty(np.broadcast_shapes(a.shape, b.shape)[:-1], dtype=np.float64)
+    for i in range(0, out.shape[0], DISTANCE_ROWS):
+        rows = slice(i, i + DISTANCE_ROWS)
+        diff = a[rows] - (b if b.shape[0] == 1 else b[rows])
+        out[rows] = np.einsum("...d,...d->...", diff, diff)
     return out
+
+
+def _nearest(x: np.ndarray) -> np.ndarray:
+    """(M,) position of each row's nearest other row of x (M, D) float64 in L2: the
+    smallest sum of squared differences, ties to the smaller position.
+
+    Candidates (the NEIGHBOUR_CANDIDATES smallest per row) come from the Gram-matrix form
+    ``|x_j|^2 - 2 x_i.x_j``, of which only the upper triangle is computed, by blocks of
+    DISTANCE_ROWS rows (each product serves both its rows). Every answer is *certified*
+    against a bound on the rounding of that form (:func:`_gram_slack`): a row whose best
+    candidate beats all others by more than the bound is settled; otherwise its
+    candidates' sums of squared differences are computed, and when even the farthest
+    candidate, less the bound, does not put every non-candidate strictly farther than
+    the winner (an exact tie, more copies of an input than candidates), the sums of
+    squared differences to every row."""
+    m, dim = x.shape
+    k = min(NEIGHBOUR_CANDIDATES, m - 1)
+    sq = np.einsum("ij,ij->i", x, x)
+    best = np.full((m, k), np.inf)  # per row, the k smallest |x_j|^2 - 2 x_i.x_j so far
+    cand = np.zeros((m, k), dtype=np.int64)  # and their j
+
+    def keep(rows: slice, values: np.ndarray, first: int) -> None:
+        """Merge values (n, c), C-contiguous, into the candidates of the n rows ``rows``:
+        values[a, b] is row a's value at row ``first + b`` of x. Takes the k smallest by
+        repeated argmin (writing inf over them)."""
+        n, c = values.shape
+        at = np.arange(n)
+        c = min(k, c)
+        got_v = np.empty((n, c))
+        got_j = np.empty((n, c), dtype=np.int64)
+        for t in range(c):
+            j = values.argmin(axis=1)
+            got_v[:, t] = values[at, j]
+            got_j[:, t] = j + first
+            values[at, j] = np.inf
+        v = np.concatenate([best[rows], got_v], axis=1)
+        cj = np.concatenate([cand[rows], got_j], axis=1)
+        part = np.argsort(v, axis=1, kind="stable")[:, :k]
+        best[rows] = np.take_along_axis(v, part, axis=1)
+        cand[rows] = np.take_along_axis(cj, part, axis=1)
+
+    for i in range(0, m, DISTANCE_ROWS):
+        r = min(DISTANCE_ROWS, m - i)
+        g = x[i : i + r] @ x[i:].T  # (r, m - i): the block's rows against columns i..
+        g *= -2.0
+        if i + r < m:  # the block's rows as candidates of the rows after it (transposed)
+            keep(slice(i + r, m), np.ascontiguousarray(g[:, r:].T) + sq[None, i : i + r], i)
+        g += sq[None, i:]
+        g[np.arange(r), np.arange(r)] = np.inf  # not its own neighbour
+        keep(slice(i, i + r), g, i)
+        del g
+    out = cand[:, 0].copy()  # the smallest Gram-form value
+    slack = _gram_slack(dim)
+    top_sq = float(sq.max())
+    err = slack * (top_sq + 2.0 * np.sqrt(sq * top_sq) + sq)
+    if k == 1:
+        unsure = np.zeros(m, dtype=bool)  # m == 2: the other row
+    else:
+        unsure = ~((best[:, 1] + sq - err) * (1.0 - slack) > (best[:, 0] + sq + err) * (1.0 + slack))
+    rows = np.flatnonzero(unsure)
+    if rows.size:
+        exact = np.concatenate([
+            _sq_distances(x[rows[b : b + DISTANCE_ROWS], None], x[cand[rows[b : b + DISTANCE_ROWS]]])
+            for b in range(0, rows.size, DISTANCE_ROWS)])
+        low = exact.min(axis=1)
+        out[rows] = np.where(exact == low[:, None], cand[rows], m).min(axis=1)
+        if k < m - 1:
+            # a row j outside the candidates has a Gram-form value >= the largest kept one
+            floor = (best[rows, -1] + sq[rows] - err[rows]) * (1.0 - slack)
+            for i in rows[~(floor > low)]:
+                d = _sq_distances(x, x[i][None, :])
+                d[i] = np.inf
+                out[i] = int(np.argmin(d))  # the first of equal minima: the smaller position
+    return out
+
+
+def _gram_slack(dim: int) -> float:
+    """Relative rounding bound of the nearest-neighbour search in float64: a dot product
+    or a sum of ``dim`` terms (any order, with or without FMA) errs by less than
+    gamma_dim = dim u / (1 - dim u) of the sum of the terms' sizes (u = 2^-53); taken as
+    2 gamma_(dim + 4), which covers the few further roundings (the subtraction, the
+    squared differences) with room to spare. With it, for rows i, j of norms below
+    ``sqrt(S)``: the Gram form ``|x_j|^2 - 2 x_i.x_j + |x_i|^2`` is within ``slack (S +
+    2 |x_i| sqrt(S) + |x_i|^2)`` of ``|x_i - x_j|^2``, and the computed sum of squared
+    differences within a factor ``1 +- slack`` of it."""
+    u = (dim + 4) * 2.0**-53
+    return 2.0 * u / (1.0 - u)
 
 
 __all__ = ["Census", "Layer", "LayerStats", "Neighbours", "RegionRow", "census"]
