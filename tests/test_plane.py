@@ -39,6 +39,19 @@ def _check_tiling(pm, pts):
     assert loose.sum(1).min() >= 1, "a point lies in no polygon"
 
 
+def _along_an_edge(verts, seg, rel=1e-9):
+    """The segment (2, 2) lies on one edge of the polygon (K, 2): both ends on the edge's
+    line and within its span, to ``rel`` times the polygon's size."""
+    size = float(np.abs(verts).max() + np.ptp(verts, axis=0).max())
+    for a, b in zip(verts, np.roll(verts, -1, 0)):
+        d = b - a
+        n = np.array([-d[1], d[0]]) / np.linalg.norm(d)
+        t = (seg - a) @ d / (d @ d)
+        if np.abs((seg - a) @ n).max() <= rel * size and t.min() >= -rel and t.max() <= 1 + rel:
+            return True
+    return False
+
+
 def test_two_dimensional_input_matches_a_brute_force_grid():
     model = random_mlp(0, (2, 10, 10, 3))
     ob = openbox.OpenBox(model, (2,))
@@ -88,6 +101,9 @@ def test_cnn_slice_keys_llc_and_graph():
         seg = data["segment"]
         mid = seg.mean(0)
         assert pm.polygons[i].contains(mid[None])[0] and pm.polygons[j].contains(mid[None])[0]
+        # a shared boundary, not a touch at a vertex: the segment lies along an edge of both
+        for k in (i, j):
+            assert _along_an_edge(pm.polygons[k].vertices, seg), (i, j, k)
         d = seg[1] - seg[0]
         n = np.array([d[1], -d[0]]) / np.linalg.norm(d)
         side = [mid + s * 1e-7 * n for s in (1, -1)]
@@ -171,3 +187,56 @@ def test_many_facets_through_one_vertex_regression():
     assert pm.complete and pm.coverage == pytest.approx(1.0, abs=1e-9)
     pts = _points(pm, 100, 3)
     _check_tiling(pm, pts)
+
+
+def _clip_reference(verts, labels, g, h, label):
+    """Sutherland-Hodgman, one vertex at a time (the reference for the vectorised clip)."""
+    s = verts @ g - h
+    inside = s <= 0
+    out_v, out_l = [], []
+    for i in range(len(verts)):
+        j = (i + 1) % len(verts)
+        if inside[i]:
+            out_v.append(verts[i])
+            out_l.append(labels[i])
+        if inside[i] != inside[j]:
+            out_v.append(verts[i] + s[i] / (s[i] - s[j]) * (verts[j] - verts[i]))
+            out_l.append(labels[i] if inside[j] else label)
+    return np.array(out_v).reshape(-1, 2), np.array(out_l, dtype=np.int64)
+
+
+def test_vectorised_clip_and_stretches_match_one_at_a_time_references():
+    """_clip against a vertex-by-vertex Sutherland-Hodgman; _Edges.stretches (all
+    edge/polygon pairs at once) against _segment_inside pair by pair, on random polygons
+    (clipped from one square, so they overlap) and every polygon's edges, its own
+    included."""
+    from openbox.regions.plane import _clip, _Edges, _segment_inside
+
+    g = np.random.default_rng(0)
+    polys = []
+    for _ in range(30):
+        v, lab = np.array([[-1.0, -1], [1, -1], [1, 1], [-1, 1]]), np.full(4, -1)
+        for r in range(g.integers(1, 7)):
+            n = g.normal(size=2)
+            h = float(g.uniform(0.05, 0.9)) * np.linalg.norm(n)
+            want_v, want_l = _clip_reference(v, lab, n, h, r)
+            v, lab = _clip(v, lab, n, h, r)
+            assert len(v) == len(want_v)  # no vertices of rounding distance here
+            np.testing.assert_array_equal(v, want_v)
+            np.testing.assert_array_equal(lab, want_l)
+        polys.append(v)
+    store = _Edges()
+    store.add(0, polys)
+    edge, poly, ref = [], [], []
+    for t in range(len(store.owner)):
+        for k in range(len(polys)):
+            edge.append(t)
+            poly.append(k)
+            ref.append(_segment_inside(store.p[t], store.q[t], polys[k]))
+    s0, s1, lo, hi = store.stretches(np.array(edge), np.array(poly))
+    np.testing.assert_array_equal(np.c_[s0, s1], np.array(ref))
+    own = store.owner[np.array(edge)] == np.array(poly)
+    # an edge lies along its own polygon's edge, over its whole length
+    np.testing.assert_allclose(lo[own], 0.0, atol=1e-12)
+    np.testing.assert_allclose(hi[own], 1.0, atol=1e-12)
+    assert (s0[own] == 0).all() and (s1[own] == 1).all()

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import networkx as nx
 import numpy as np
@@ -40,6 +41,9 @@ VERTEX_MERGE = 1e-12
 """Consecutive polygon vertices closer than this times the polygon's coordinate size are
 one vertex (clipping by many lines through one point, e.g. the facets of a tied x0, leaves
 edges of rounding length whose direction is noise)."""
+
+INSIDE_REL = 1e-9
+"""Relative tolerance of "a segment's part inside a polygon" (:func:`_segment_inside`)."""
 
 BOUNDARY = -1
 """Edge label of the extent's (or the domain's) boundary: nothing to cross."""
@@ -70,7 +74,7 @@ class Polygon:
     def area(self) -> float:
         return _area(self.vertices)
 
-    @property
+    @cached_property
     def centroid(self) -> np.ndarray:
         return _centroid(self.vertices)
 
@@ -173,9 +177,14 @@ class PlaneMap:
 # ------------------------------------------------------------------------------ 2-D helpers
 
 
+def _next(v: np.ndarray) -> np.ndarray:
+    """(K, ...) the array rotated by one: row i holds row i + 1 (``np.roll(v, -1, 0)``)."""
+    return np.concatenate([v[1:], v[:1]])
+
+
 def _area(v: np.ndarray) -> float:
     x, y = v[:, 0], v[:, 1]
-    return 0.5 * float(np.dot(x, np.roll(y, -1)) - np.dot(y, np.roll(x, -1)))
+    return 0.5 * float(np.dot(x, _next(y)) - np.dot(y, _next(x)))
 
 
 def _centroid(v: np.ndarray) -> np.ndarray:
@@ -183,35 +192,35 @@ def _centroid(v: np.ndarray) -> np.ndarray:
     if a <= 0:
         return v.mean(axis=0)
     x, y = v[:, 0], v[:, 1]
-    cr = x * np.roll(y, -1) - np.roll(x, -1) * y
-    return np.array([np.dot(x + np.roll(x, -1), cr), np.dot(y + np.roll(y, -1), cr)]) / (6 * a)
+    xn, yn = _next(x), _next(y)
+    cr = x * yn - xn * y
+    return np.array([np.dot(x + xn, cr), np.dot(y + yn, cr)]) / (6 * a)
 
 
 def _clip(verts: np.ndarray, labels: np.ndarray, g: np.ndarray, h: float, label: int):
-    """Sutherland-Hodgman: the convex polygon (verts CCW, per-edge labels) intersected
-    with ``g . q <= h``; the new edge along the line gets ``label``."""
+    """Sutherland-Hodgman: the convex polygon (verts (K, 2) CCW, per-edge labels (K,))
+    intersected with ``g . q <= h``; the new edge along the line gets ``label``."""
     s = verts @ g - h
     inside = s <= 0
     if inside.all():
         return verts, labels
     if not inside.any():
         return verts[:0], labels[:0]
-    out_v, out_l = [], []
-    k = len(verts)
-    for i in range(k):
-        j = (i + 1) % k
-        if inside[i]:
-            out_v.append(verts[i])
-            out_l.append(labels[i] if inside[j] else labels[i])
-        if inside[i] != inside[j]:
-            t = s[i] / (s[i] - s[j])
-            out_v.append(verts[i] + t * (verts[j] - verts[i]))
-            out_l.append(labels[i] if inside[j] else label)
-    v, lab = np.array(out_v), np.array(out_l)
+    # vertex i keeps its place if inside; an edge i -> i + 1 that crosses the line adds
+    # the crossing point after it, starting the rest of edge i (entering) or the new edge
+    # along the line (leaving)
+    inside_next, s_next, verts_next = _next(inside), _next(s), _next(verts)
+    crosses = inside != inside_next
+    t = np.divide(s, s - s_next, out=np.zeros_like(s), where=crosses)
+    points = verts + t[:, None] * (verts_next - verts)
+    out_v = np.stack([verts, points], axis=1)  # (K, 2 slots, 2)
+    out_l = np.stack([labels, np.where(inside_next, labels, label)], axis=1)
+    slot = np.stack([inside, crosses], axis=1)
+    v, lab = out_v[slot], out_l[slot]
     # a vertex (within rounding) equal to the next one starts an edge of rounding length,
     # whose direction is noise: drop it, so the edge that follows keeps its own label
     size = float(np.abs(v).max()) + float(np.ptp(v, axis=0).max())
-    gap = np.linalg.norm(v - np.roll(v, -1, axis=0), axis=1)
+    gap = np.linalg.norm(v - _next(v), axis=1)
     keep = gap > VERTEX_MERGE * size
     return v[keep], lab[keep]
 
@@ -240,7 +249,7 @@ def _class_cells(poly: Polygon):
 def _signed_distances(verts: np.ndarray, pts: np.ndarray) -> np.ndarray:
     """(N, K) signed distance of each point to the line of each edge of a convex CCW
     polygon, positive inside."""
-    a, c = verts, np.roll(verts, -1, axis=0)
+    a, c = verts, _next(verts)
     e = c - a
     length = np.maximum(np.linalg.norm(e, axis=1), 1e-300)
     cross = e[None, :, 0] * (pts[:, None, 1] - a[None, :, 1]) - e[None, :, 1] * (
@@ -249,7 +258,7 @@ def _signed_distances(verts: np.ndarray, pts: np.ndarray) -> np.ndarray:
 
 
 def _segment_inside(p: np.ndarray, q: np.ndarray, verts: np.ndarray,
-                    rel: float = 1e-9) -> tuple[float, float]:
+                    rel: float = INSIDE_REL) -> tuple[float, float]:
     """Parameter interval [s0, s1] of the segment p + s (q - p) inside a convex CCW
     polygon, to ``rel`` times the segment's length plus its coordinates' size (vertices
     computed by two polygons' own clipping differ by rounding of the coordinates: ~1e-12
@@ -328,32 +337,36 @@ def _extent_polygon(ob, x0: Tensor, u: Tensor, v: Tensor, extent) -> np.ndarray:
     return verts
 
 
-def _half_planes(ob, config, gates, p: np.ndarray, n: np.ndarray, e: np.ndarray, j: int):
-    """(G (m, 2), h (m,), row ids (m,)) with ``G q <= h`` for the region of input j,
-    from its rows restricted to the plane around p along (n, e) (orthonormal in (a, b))."""
-    Gs, hs = [], []
-    for _, slack, r1, r2 in rows_in_plane(ob.program, config[j], gates[j], ob.tol):
-        s = slack[0].double().cpu().numpy()
-        w = np.outer(r1[0].double().cpu().numpy(), n) + np.outer(r2[0].double().cpu().numpy(), e)
-        # slack + (q - p) . w >= 0  <=>  -w . q <= slack - w . p
-        Gs.append(-w)
-        hs.append(s - w @ p)
-    if not Gs:  # no gates: one region, the whole plane
-        return np.zeros((0, 2)), np.zeros(0), np.zeros(0, dtype=np.int64)
-    G, h = np.vstack(Gs), np.concatenate(hs)
-    keep = np.isfinite(h) & np.any(G != 0, axis=1)
-    return G[keep], h[keep], np.flatnonzero(keep)
+def _half_planes(ob, config, gates, pts: np.ndarray, ns: np.ndarray, es: np.ndarray):
+    """(G (F, M, 2), h (F, M)) with ``G[f] q <= h[f]`` for the region of each input f of
+    the batch, from its rows restricted to the plane around pts[f] along (ns[f], es[f])
+    (orthonormal in (a, b)); one :func:`rows_in_plane` call for the whole batch. Row m is
+    the m-th row of rows_in_plane's layout (the edge labels); rows with no line in the
+    plane (``h`` not finite or ``G`` zero) are left to the caller to drop."""
+    parts = rows_in_plane(ob.program, config, gates, ob.tol)
+    f = config.batch_size
+    if not parts:  # no gates: one region, the whole plane
+        return np.zeros((f, 0, 2)), np.zeros((f, 0))
+    cat = lambda i: torch.cat([t[i] for t in parts], dim=1).double().cpu().numpy()  # noqa: E731
+    s, r1, r2 = cat(1), cat(2), cat(3)  # (F, M)
+    w = r1[:, :, None] * ns[:, None, :] + r2[:, :, None] * es[:, None, :]  # (F, M, 2)
+    # slack + (q - p) . w >= 0  <=>  -w . q <= slack - w . p
+    h = s - (w[:, :, 0] * pts[:, None, 0] + w[:, :, 1] * pts[:, None, 1])
+    return -w, h
 
 
-def _polygon(ob, G, h, rows, start: np.ndarray, p: np.ndarray):
-    """The extent polygon ``start`` clipped by ``G q <= h`` (only rows that cut it)."""
+def _polygon(ob, G, h, rows, dist, start: np.ndarray, p: np.ndarray):
+    """The extent polygon ``start`` clipped by ``G q <= h`` (only rows that cut it), from a
+    point p inside: (vertices (K, 2), edge labels (K,)). G (m, 2), h (m,), rows (m,) the
+    rows' labels, dist (m,) each row's line's L-infinity distance from p."""
     verts, labels = start.copy(), np.full(len(start), BOUNDARY)
     gn = np.abs(G).sum(axis=1)
-    # a row can only cut the polygon if its line passes within the polygon's size of p
-    dist = (h - G @ p) / np.maximum(gn, 1e-300)
+    near = np.arange(len(h))
     while len(verts) >= 3:
+        # a row can only cut the polygon if its line passes within the polygon's size of
+        # p; the polygon only shrinks, so the rows near it do too
         size = float(np.abs(verts - p).sum(axis=1).max())
-        near = np.flatnonzero(dist <= size)
+        near = near[dist[near] <= size]
         if near.size == 0:
             break
         excess = G[near] @ verts.T - h[near, None]  # (r, V)
@@ -366,6 +379,124 @@ def _polygon(ob, G, h, rows, start: np.ndarray, p: np.ndarray):
         r = near[i]
         verts, labels = _clip(verts, labels, G[r], h[r], int(rows[r]))
     return verts, labels
+
+
+def _inside(verts: np.ndarray, q: np.ndarray) -> bool:
+    p, r = verts, _next(verts)
+    cross = (r[:, 0] - p[:, 0]) * (q[1] - p[:, 1]) - (r[:, 1] - p[:, 1]) * (q[0] - p[:, 0])
+    return bool(np.all(cross > 0))
+
+
+def _combine(ab: Tensor, u: Tensor, v: Tensor) -> Tensor:
+    """(N, *input_shape) input-space vectors a u + b v for ab (N, 2)."""
+    shape = (-1, *[1] * u.dim())
+    return ab[:, 0].reshape(shape) * u + ab[:, 1].reshape(shape) * v
+
+
+def _plane_llc(ob, config, logits, u, v, pts):
+    """Per input j: (C, 2) d logits / d(a, b) and (C,) logits at (0, 0), by pushing u and v
+    through the network with input j's gates fixed."""
+    b = config.batch_size
+    push = torch.stack([u, v]).unsqueeze(0).expand(b, -1, *u.shape).reshape(-1, *u.shape)
+    out = FixedForward(config, with_bias=False).run(ob.program, push).reshape(b, 2, -1)
+    w = out.transpose(1, 2).double().cpu().numpy()  # (B, C, 2)
+    bias = logits.double().cpu().numpy() - np.einsum("bcd,bd->bc", w, pts)
+    return w, bias
+
+
+KNOWN_STRETCH = 1e-6
+"""Shortest fraction of an edge that a known polygon must share to count as covering it
+without a crossing."""
+
+NEAR_CELLS = 32
+"""A known polygon is tested against an edge when its bounding box comes within
+``2 / NEAR_CELLS`` of the extent's size of the edge's polygon's box (a polygon sharing a
+stretch of the edge touches the edge's own polygon; the margin only bounds the work)."""
+
+ROWS_CHUNK = 64
+"""Fresh regions whose plane rows are gathered in one (F, M, 2) array."""
+
+
+class _Edges:
+    """Every polygon's edges in flat arrays, appended per batch.
+
+    Polygon i owns rows ``off[i]:off[i + 1]``: ``p`` (T, 2) the edge's first vertex, ``q``
+    (T, 2) the next one, ``d = q - p``, ``length`` (T,) = |d|, ``owner`` (T,), ``local``
+    (T,) the edge's index in its polygon. ``lo``, ``hi`` (N, 2) the polygons' boxes.
+    """
+
+    def __init__(self):
+        self.p = np.zeros((0, 2))
+        self.q = np.zeros((0, 2))
+        self.length = np.zeros(0)
+        self.owner = np.zeros(0, dtype=np.int64)
+        self.local = np.zeros(0, dtype=np.int64)
+        self.off = np.zeros(1, dtype=np.int64)
+        self.lo = np.zeros((0, 2))
+        self.hi = np.zeros((0, 2))
+
+    @property
+    def d(self) -> np.ndarray:
+        return self.q - self.p
+
+    def add(self, first: int, vertex_lists: list[np.ndarray]) -> None:
+        """Append polygons first, first + 1, ... with these (K_i, 2) vertices."""
+        if not vertex_lists:
+            return
+        p = np.concatenate(vertex_lists)
+        q = np.concatenate([_next(v) for v in vertex_lists])
+        counts = np.array([len(v) for v in vertex_lists])
+        self.p = np.concatenate([self.p, p])
+        self.q = np.concatenate([self.q, q])
+        self.length = np.concatenate([self.length, np.linalg.norm(q - p, axis=1)])
+        self.owner = np.concatenate([self.owner, np.repeat(first + np.arange(len(counts)),
+                                                           counts)])
+        self.local = np.concatenate([self.local, np.concatenate([np.arange(c) for c in counts])])
+        self.off = np.concatenate([self.off, self.off[-1] + np.cumsum(counts)])
+        self.lo = np.concatenate([self.lo, np.array([v.min(0) for v in vertex_lists])])
+        self.hi = np.concatenate([self.hi, np.array([v.max(0) for v in vertex_lists])])
+
+    def stretches(self, edge: np.ndarray, poly: np.ndarray):
+        """Parameter intervals (s0 (P,), s1 (P,)) of edge[i] (as p + s d) inside polygon
+        poly[i], pair by pair: :func:`_segment_inside` for all pairs at once (empty when
+        s0 > s1); and (P,) the parameter interval (lo, hi) spanned by the polygon's edges
+        that lie along the edge's line (both of the edge's ends within the tolerance of
+        theirs; lo > hi when none does): a stretch the two polygons share lies on the
+        line of a facet of both, so it lies in [lo, hi]."""
+        if edge.size == 0:
+            z = np.zeros(0)
+            return z, z, z, z
+        p, q = self.p[edge], self.q[edge]
+        tol = INSIDE_REL * (self.length[edge] + np.maximum(np.abs(p).max(1), np.abs(q).max(1)))
+        counts = self.off[poly + 1] - self.off[poly]
+        pair = np.repeat(np.arange(len(edge)), counts)
+        first = np.repeat(np.cumsum(counts) - counts, counts)
+        t = np.repeat(self.off[poly], counts) + np.arange(len(pair)) - first
+        a, e = self.p[t], self.q[t] - self.p[t]
+        length = np.maximum(self.length[t], 1e-300)
+        pp, qq, tt = p[pair], q[pair], tol[pair]
+        dp = (e[:, 0] * (pp[:, 1] - a[:, 1]) - e[:, 1] * (pp[:, 0] - a[:, 0])) / length
+        dq = (e[:, 0] * (qq[:, 1] - a[:, 1]) - e[:, 1] * (qq[:, 0] - a[:, 0])) / length
+        out_p, out_q = dp < -tt, dq < -tt
+        empty = out_p & out_q
+        cuts = out_p ^ out_q
+        s = np.zeros(len(pair))
+        np.divide(-tt - dp, dq - dp, out=s, where=cuts)
+        lower = np.where(cuts & (dq > dp), s, 0.0)
+        upper = np.where(cuts & ~(dq > dp), s, 1.0)
+        starts = np.cumsum(counts) - counts
+        s0 = np.maximum(np.maximum.reduceat(lower, starts), 0.0)
+        s1 = np.minimum(np.minimum.reduceat(upper, starts), 1.0)
+        dead = np.logical_or.reduceat(empty, starts)
+        s0[dead], s1[dead] = 1.0, 0.0
+        along = (np.abs(dp) <= tt) & (np.abs(dq) <= tt)
+        dd = qq - pp
+        norm2 = np.maximum(np.einsum("ij,ij->i", dd, dd), 1e-300)
+        b0 = np.einsum("ij,ij->i", a - pp, dd) / norm2
+        b1 = np.einsum("ij,ij->i", a + e - pp, dd) / norm2
+        lo = np.minimum.reduceat(np.where(along, np.minimum(b0, b1), np.inf), starts)
+        hi = np.maximum.reduceat(np.where(along, np.maximum(b0, b1), -np.inf), starts)
+        return s0, s1, lo, hi
 
 
 def plane(
@@ -397,160 +528,243 @@ def plane(
     """
     x0 = ob.check_point(x0, "x0")
     u, v = _check_directions(ob, u, v)
+    if int(batch) < 1:
+        raise ValueError(f"batch must be a positive number of points, got {batch!r}")
     start = _extent_polygon(ob, x0, u, v, extent)
-    diag = float(np.linalg.norm(start.max(0) - start.min(0)))
     origin = np.zeros(2) if _inside(start, np.zeros(2)) else _centroid(start)
-    polys: list[Polygon] = []
-    index: dict[RegionKey, int] = {}
-    graph = nx.Graph()
-    covered: dict[tuple[int, int], list[tuple[float, float]]] = {}
-    # frontier items: (point (2,), n (2,), e (2,), edge id (polygon, edge) or None)
-    frontier = [(origin, np.array([1.0, 0.0]), np.array([0.0, 1.0]), None)]
+    walk = _Walk(ob, x0, u, v, start)
     complete = True
-    grid = _Grid(start, GRID_CELLS)
     bar = tqdm(desc="plane", unit="region", leave=False,
                disable=not (True if progress is None else progress))
     with bar, torch.no_grad():
-        while frontier:
-            if len(polys) >= max_regions:
+        # the seed: the origin, tie-broken along a, then b
+        edges = np.zeros(0, dtype=np.int64)
+        pts, ns, es = origin[None], np.array([[1.0, 0.0]]), np.array([[0.0, 1.0]])
+        while True:
+            if len(walk.polys) >= max_regions:
                 complete = False
                 break
-            todo, frontier = frontier[:batch], frontier[batch:]
-            pts = np.array([t[0] for t in todo])
-            ns = np.array([t[1] for t in todo])
-            es = np.array([t[2] for t in todo])
-            as_t = lambda a: torch.as_tensor(a, dtype=ob.dtype, device=ob.device)  # noqa: E731
-            xs = x0 + as_t(pts[:, 0]).reshape(-1, *[1] * len(ob.input_shape)) * u \
-                + as_t(pts[:, 1]).reshape(-1, *[1] * len(ob.input_shape)) * v
-            dn = _combine(as_t(ns), u, v)
-            de = _combine(as_t(es), u, v)
-            dirs = torch.stack([dn, de, ob.direction.expand_as(dn)])
-            logits, config, gates, _ = configure(ob.program, xs, dirs, ob.tol, record=True,
-                                                 context=ob.key_context)
-            keys = config.region_keys()
-            fresh, seen = [], set()
-            for j, key in enumerate(keys):
-                if key not in index and key not in seen:
-                    fresh.append(j)
-                    seen.add(key)
-            llc = _plane_llc(ob, config, logits, u, v, pts) if fresh else None
-            for j in fresh:
-                G, h, rows = _half_planes(ob, config, gates, pts[j], ns[j], es[j], j)
-                verts, labels = _polygon(ob, G, h, rows, start, pts[j])
+            before = len(walk.polys)
+            walk.step(edges, pts, ns, es)
+            bar.update(len(walk.polys) - before)
+            edges = walk.take(int(batch))
+            if edges.size == 0:
+                break
+            pts, ns, es = walk.crossings(edges)
+    area = sum(p.area for p in walk.polys)
+    return PlaneMap(walk.polys, walk.graph, tuple(float(e) for e in extent), start, complete,
+                    area / _area(start), tuple(origin))
+
+
+class _Walk:
+    """State of one plane walk: the polygons, their edges, and the open edges (facet edges
+    not yet covered by known neighbours), each with the parameter of its next crossing.
+
+    Every open edge is tested against every polygon found after it (and it against every
+    polygon found before it) for a shared stretch; what stays uncovered is crossed, one
+    crossing per edge at a time, in the order the edges were opened (breadth first)."""
+
+    def __init__(self, ob, x0: Tensor, u: Tensor, v: Tensor, start: np.ndarray):
+        self.ob, self.x0, self.u, self.v, self.start = ob, x0, u, v, start
+        self.diag = float(np.linalg.norm(start.max(0) - start.min(0)))
+        self.margin = 2.0 * (start.max(0) - start.min(0)) / NEAR_CELLS
+        self.polys: list[Polygon] = []
+        self.index: dict[RegionKey, int] = {}
+        self.graph = nx.Graph()
+        self.edges = _Edges()
+        self.covered: dict[int, list[tuple[float, float]]] = {}  # open edge -> intervals
+        self.at: dict[int, float] = {}  # open edge -> parameter of its next crossing
+        self.queue: list[int] = []  # open edges in crossing order (closed ones skipped)
+
+    # -- the frontier
+
+    def take(self, n: int) -> np.ndarray:
+        """(<= n,) the next open edges to cross, removed from the queue."""
+        out, rest = [], 0
+        for rest, t in enumerate(self.queue):
+            if len(out) == n:
+                break
+            if t in self.at:
+                out.append(t)
+        else:
+            rest = len(self.queue)
+        self.queue = self.queue[rest:]
+        return np.array(out, dtype=np.int64)
+
+    def crossings(self, edges: np.ndarray):
+        """(points (N, 2), outward normals (N, 2), edge directions (N, 2)) crossing the
+        open edges at their parameters."""
+        e = self.edges
+        s = np.array([self.at[int(t)] for t in edges])
+        d = e.d[edges]
+        unit = d / e.length[edges, None]
+        return e.p[edges] + s[:, None] * d, np.c_[unit[:, 1], -unit[:, 0]], unit
+
+    # -- one batch
+
+    def step(self, edges: np.ndarray, pts: np.ndarray, ns: np.ndarray, es: np.ndarray):
+        """Configure the points (crossing ``edges``; the seed when edges is empty and one
+        point), add the regions found, record what each crossing covers, test the new
+        polygons' edges and the open ones for shared stretches, and queue what stays
+        uncovered."""
+        ob, u, v = self.ob, self.u, self.v
+        as_t = lambda a: torch.as_tensor(a, dtype=ob.dtype, device=ob.device)  # noqa: E731
+        xs = self.x0 + _combine(as_t(pts), u, v)
+        dn, de = _combine(as_t(ns), u, v), _combine(as_t(es), u, v)
+        dirs = torch.stack([dn, de, ob.direction.expand_as(dn)])
+        logits, config, gates, _ = configure(ob.program, xs, dirs, ob.tol, record=True,
+                                             context=ob.key_context)
+        keys = config.region_keys()
+        fresh, seen = [], set()
+        for j, key in enumerate(keys):
+            if key not in self.index and key not in seen:
+                fresh.append(j)
+                seen.add(key)
+        first = len(self.polys)
+        self._add_regions(config, gates, logits, pts, ns, es, fresh, keys)
+        touched = self._record_crossings(edges, [self.index[k] for k in keys])
+        new_open = self._open_edges(first)
+        touched |= self._cover_by_known(first, new_open)
+        # queue: the new polygons' edges in order, then the crossed edges still open
+        for t in new_open:
+            self._next_crossing(t)
+        opened = set(new_open)
+        for t in touched:
+            if t not in opened:
+                self._next_crossing(t)
+        self.queue += [t for t in new_open if t in self.at]
+        self.queue += [int(t) for t in edges if int(t) in self.at]
+
+    def _add_regions(self, config, gates, logits, pts, ns, es, fresh, keys):
+        """Clip the polygon of every fresh region and append it."""
+        verts_list = []
+        for c0 in range(0, len(fresh), ROWS_CHUNK):
+            part = fresh[c0:c0 + ROWS_CHUNK]
+            sub = torch.as_tensor(part, dtype=torch.int64)
+            G, h = _half_planes(self.ob, config[sub], gates[sub], pts[part], ns[part],
+                                es[part])
+            w_all, b_all = _plane_llc(self.ob, config[sub], logits[sub], self.u, self.v,
+                                      pts[part])
+            usable = np.isfinite(h) & np.any(G != 0, axis=2)  # (F, M)
+            gn = np.maximum(np.abs(G).sum(axis=2), 1e-300)
+            dist = (h - (G[:, :, 0] * pts[part, None, 0] + G[:, :, 1] * pts[part, None, 1])) \
+                / gn
+            size0 = np.abs(self.start[None] - pts[part, None]).sum(axis=2).max(axis=1)
+            for f, j in enumerate(part):
+                rows = np.flatnonzero(usable[f] & (dist[f] <= size0[f]))
+                verts, labels = _polygon(self.ob, G[f, rows], h[f, rows], rows, dist[f, rows],
+                                         self.start, pts[j])
                 if len(verts) < 3:
                     raise RuntimeError(
                         f"plane: the region at (a, b) = {tuple(pts[j])} clips to an empty "
                         "polygon; its own configuration excludes the point it was found at"
                     )
-                w, b0 = llc[0][j], llc[1][j]
-                pred = int(np.argmax(np.atleast_2d(_centroid(verts)) @ w.T + b0))
-                index[keys[j]] = len(polys)
-                graph.add_node(len(polys))
-                polys.append(Polygon(verts, keys[j], pred, w, b0, labels))
-                bar.update(1)
-                me = len(polys) - 1
-                near = grid.near(verts)
-                grid.add(me, verts)
-                lengths = np.linalg.norm(np.roll(verts, -1, axis=0) - verts, axis=1)
-                for i, lab in enumerate(labels):
-                    # edges of rounding size (many facets meet at a tied x0) are not crossed
-                    if lab == BOUNDARY or lengths[i] <= EDGE_FRACTION * diag:
-                        continue
-                    covered[(me, i)] = []
-                    # known neighbours already cover parts of it: cross only the rest
-                    frontier += _cover_by_known(polys, covered, graph, me, i, near, diag)
-            for j, item in enumerate(todo):
-                if item[3] is None:
-                    continue
-                src, edge, at = item[3]
-                dst = index[keys[j]]
-                frontier += _cover(polys, covered, graph, src, edge, at, dst, diag)
-    area = sum(p.area for p in polys)
-    return PlaneMap(polys, graph, tuple(float(e) for e in extent), start, complete,
-                    area / _area(start), tuple(origin))
+                w, b0 = w_all[f], b_all[f]
+                poly = Polygon(verts, keys[j], 0, w, b0, labels)
+                poly.prediction = int(np.argmax(np.atleast_2d(poly.centroid) @ w.T + b0))
+                self.index[keys[j]] = len(self.polys)
+                self.graph.add_node(len(self.polys))
+                self.polys.append(poly)
+                verts_list.append(verts)
+        self.edges.add(len(self.polys) - len(verts_list), verts_list)
+
+    def _open_edges(self, first: int) -> list[int]:
+        """Open the facet edges of polygons first, first + 1, ...: every edge made by a
+        gate row and longer than rounding size (many facets meeting at a tied x0 leave
+        edges of rounding length, which are not crossed)."""
+        e = self.edges
+        lo = int(e.off[first])
+        t = np.arange(lo, len(e.owner))
+        labels = np.concatenate([p.edge_labels for p in self.polys[first:]]) if t.size else t
+        keep = t[(labels != BOUNDARY) & (e.length[lo:] > EDGE_FRACTION * self.diag)]
+        out = [int(i) for i in keep]
+        for i in out:
+            self.covered[i] = []
+        return out
+
+    def _link(self, edge: int, k: int, s0: float, s1: float) -> None:
+        """Edge ``edge`` shares [s0, s1] with polygon k: record it, and the graph edge."""
+        self.covered[edge].append((s0, s1))
+        me = int(self.edges.owner[edge])
+        p, d = self.edges.p[edge], self.edges.d[edge]
+        seg = np.array([p + s0 * d, p + s1 * d])
+        known = self.graph.get_edge_data(me, k)
+        # the longest stretch found is the shared boundary (a shorter one is a piece of it
+        # or a touch at its end)
+        if known is None or _length(seg) > _length(known["segment"]):
+            self.graph.add_edge(me, k, segment=seg,
+                                decision_boundary=_differs(self.polys[me], self.polys[k], seg))
+
+    def _record_crossings(self, edges: np.ndarray, dst: list[int]) -> set[int]:
+        """Crossing edges[i] landed in polygon dst[i]: the part of the edge dst covers."""
+        if edges.size == 0:
+            return set()
+        dst = np.array(dst, dtype=np.int64)
+        s0, s1, _, _ = self.edges.stretches(edges, dst)
+        for t, k, a, b in zip(edges.tolist(), dst.tolist(), s0.tolist(), s1.tolist()):
+            src, at = int(self.edges.owner[t]), self.at.pop(t)
+            if k == src or not a <= at <= b:
+                raise RuntimeError(
+                    f"plane: crossing edge {int(self.edges.local[t])} of region {src} at "
+                    f"s = {at:.6g} landed in region {k}, which covers [{a:.6g}, {b:.6g}] of "
+                    "it; the walk is inconsistent")
+            self._link(t, k, a, b)
+        return set(edges.tolist())
+
+    def _cover_by_known(self, first: int, new_open: list[int]) -> set[int]:
+        """Test the new polygons' open edges against every other polygon, and the older
+        open edges against the new polygons, for shared stretches (polygons tile without
+        overlap, so a polygon sharing a stretch of an edge is the neighbour across it).
+        Returns the edges whose coverage grew."""
+        e = self.edges
+        n = len(self.polys)
+        if n == first:
+            return set()
+        old = np.array([t for t in self.covered if t < e.off[first]], dtype=np.int64)
+        new = np.array(new_open, dtype=np.int64)
+        pairs_e, pairs_k = [], []
+        for ts, ks in ((new, np.arange(n)), (old, np.arange(first, n))):
+            if ts.size == 0:
+                continue
+            own, inv = np.unique(e.owner[ts], return_inverse=True)
+            hit = np.all((e.lo[own][:, None] - self.margin <= e.hi[ks][None])
+                         & (e.lo[ks][None] <= e.hi[own][:, None] + self.margin), axis=2)
+            hit &= own[:, None] != ks[None]
+            i, j = np.nonzero(hit[inv])
+            pairs_e.append(ts[i])
+            pairs_k.append(ks[j])
+        if not pairs_e:
+            return set()
+        edge, poly = np.concatenate(pairs_e), np.concatenate(pairs_k)
+        s0, s1, lo, hi = e.stretches(edge, poly)
+        # a polygon that only touches a vertex passes the tolerance over a stretch of
+        # rounding length: take only the part along one of the polygon's own edges (a
+        # shared stretch lies on the line of a facet of both), and only if well above
+        # rounding (anything else is found by crossing, as any uncovered part is)
+        s0, s1 = np.maximum(s0, lo), np.minimum(s1, hi)
+        width = s1 - s0
+        ok = (width > KNOWN_STRETCH) & (width * e.length[edge] > EDGE_FRACTION * self.diag)
+        grown = set()
+        for t, k, a, b in zip(edge[ok].tolist(), poly[ok].tolist(), s0[ok].tolist(),
+                              s1[ok].tolist()):
+            self._link(t, k, a, b)
+            grown.add(t)
+        return grown
+
+    def _next_crossing(self, t: int) -> None:
+        """The open edge's next crossing: the middle of its first uncovered part longer
+        than rounding; closed (no longer open) when none is left."""
+        length = float(self.edges.length[t])
+        for g0, g1 in _subtract(self.covered[t]):
+            if (g1 - g0) * length > EDGE_FRACTION * self.diag:
+                self.at[t] = 0.5 * (g0 + g1)
+                return
+        self.at.pop(t, None)
+        del self.covered[t]
 
 
-def _inside(verts: np.ndarray, q: np.ndarray) -> bool:
-    p, r = verts, np.roll(verts, -1, axis=0)
-    cross = (r[:, 0] - p[:, 0]) * (q[1] - p[:, 1]) - (r[:, 1] - p[:, 1]) * (q[0] - p[:, 0])
-    return bool(np.all(cross > 0))
-
-
-def _combine(ab: Tensor, u: Tensor, v: Tensor) -> Tensor:
-    """(N, *input_shape) input-space vectors a u + b v for ab (N, 2)."""
-    shape = (-1, *[1] * u.dim())
-    return ab[:, 0].reshape(shape) * u + ab[:, 1].reshape(shape) * v
-
-
-def _plane_llc(ob, config, logits, u, v, pts):
-    """Per input j: (C, 2) d logits / d(a, b) and (C,) logits at (0, 0), by pushing u and v
-    through the network with input j's gates fixed."""
-    b = config.batch_size
-    push = torch.stack([u, v]).unsqueeze(0).expand(b, -1, *u.shape).reshape(-1, *u.shape)
-    out = FixedForward(config, with_bias=False).run(ob.program, push).reshape(b, 2, -1)
-    w = out.transpose(1, 2).double().cpu().numpy()  # (B, C, 2)
-    bias = logits.double().cpu().numpy() - np.einsum("bcd,bd->bc", w, pts)
-    return w, bias
-
-
-KNOWN_STRETCH = 1e-6
-"""Shortest fraction of a new edge that a known polygon must share to count as covering it
-without a crossing."""
-
-GRID_CELLS = 64
-"""Cells per side of the spatial index that finds the known polygons along a new edge."""
-
-
-class _Grid:
-    """Polygons by the cells of a uniform grid over the extent that their boxes meet."""
-
-    def __init__(self, start: np.ndarray, cells: int):
-        self.lo = start.min(0)
-        self.size = np.maximum(start.max(0) - self.lo, 1e-300) / cells
-        self.cells = cells
-        self.members: dict[tuple[int, int], list[int]] = {}
-
-    def _range(self, verts: np.ndarray):
-        i0, j0 = np.clip(((verts.min(0) - self.lo) / self.size).astype(int) - 1, 0,
-                         self.cells - 1)
-        i1, j1 = np.clip(((verts.max(0) - self.lo) / self.size).astype(int) + 1, 0,
-                         self.cells - 1)
-        return [(i, j) for i in range(i0, i1 + 1) for j in range(j0, j1 + 1)]
-
-    def add(self, k: int, verts: np.ndarray) -> None:
-        for cell in self._range(verts):
-            self.members.setdefault(cell, []).append(k)
-
-    def near(self, verts: np.ndarray) -> list[int]:
-        found = set()
-        for cell in self._range(verts):
-            found.update(self.members.get(cell, ()))
-        return sorted(found)
-
-
-def _cover_by_known(polys, covered, graph, me, edge, near, diag):
-    """Cover edge ``edge`` of the new polygon ``me`` by the known polygons ``near`` that
-    share a stretch of it (polygons tile without overlap, so such a polygon is the
-    neighbour across it), then return a crossing of the first uncovered part, if any."""
-    verts = polys[me].vertices
-    p, q = verts[edge], verts[(edge + 1) % len(verts)]
-    length = float(np.linalg.norm(q - p))
-    for k in near:
-        s0, s1 = _segment_inside(p, q, polys[k].vertices)
-        # a polygon that only touches a vertex passes _segment_inside's tolerance over a
-        # stretch of rounding length: take only stretches well above it (shorter shared
-        # stretches are found by crossing, as any uncovered part is)
-        if s1 - s0 <= KNOWN_STRETCH or (s1 - s0) * length <= EDGE_FRACTION * diag:
-            continue
-        covered[(me, edge)].append((s0, s1))
-        if not graph.has_edge(me, k):
-            seg = np.array([p + s0 * (q - p), p + s1 * (q - p)])
-            graph.add_edge(me, k, segment=seg,
-                           decision_boundary=_differs(polys[me], polys[k], seg))
-    for g0, g1 in _subtract(covered[(me, edge)]):
-        if (g1 - g0) * length > EDGE_FRACTION * diag:
-            return [_crossing(verts, edge, 0.5 * (g0 + g1), me)]
-    return []
+def _length(seg: np.ndarray) -> float:
+    return float(np.linalg.norm(seg[1] - seg[0]))
 
 
 def _differs(a: Polygon, b: Polygon, seg: np.ndarray) -> bool:
@@ -559,36 +773,3 @@ def _differs(a: Polygon, b: Polygon, seg: np.ndarray) -> bool:
     pa = a.logits(mid + 1e-7 * (a.centroid - mid)).argmax()
     pb = b.logits(mid + 1e-7 * (b.centroid - mid)).argmax()
     return bool(pa != pb)
-
-
-def _crossing(verts: np.ndarray, i: int, s: float, owner: int):
-    """A frontier item crossing edge i of a polygon at parameter s."""
-    p, q = verts[i], verts[(i + 1) % len(verts)]
-    e = (q - p) / np.linalg.norm(q - p)
-    n = np.array([e[1], -e[0]])  # outward for a counter-clockwise polygon
-    return (p + s * (q - p), n, e, (owner, i, s))
-
-
-def _cover(polys, covered, graph, src, edge, at, dst, diag):
-    """Record that crossing ``edge`` of polygon ``src`` at parameter ``at`` landed in
-    ``dst``: the part of the edge ``dst`` covers, a graph edge, and a new crossing of what
-    stays uncovered."""
-    verts = polys[src].vertices
-    p, q = verts[edge], verts[(edge + 1) % len(verts)]
-    s0, s1 = _segment_inside(p, q, polys[dst].vertices)
-    if dst == src or not s0 <= at <= s1:
-        raise RuntimeError(
-            f"plane: crossing edge {edge} of region {src} at s = {at:.6g} landed in region "
-            f"{dst}, which covers [{s0:.6g}, {s1:.6g}] of it; the walk is inconsistent")
-    covered[(src, edge)].append((s0, s1))
-    seg = np.array([p + s0 * (q - p), p + s1 * (q - p)])
-    if not graph.has_edge(src, dst):
-        graph.add_edge(src, dst, segment=seg,
-                       decision_boundary=_differs(polys[src], polys[dst], seg))
-    length = float(np.linalg.norm(q - p))
-    out = []
-    for g0, g1 in _subtract(covered[(src, edge)]):
-        if (g1 - g0) * length > EDGE_FRACTION * diag:
-            out.append(_crossing(verts, edge, 0.5 * (g0 + g1), src))
-            break  # one crossing at a time: its result tells what it covers
-    return out
