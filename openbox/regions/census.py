@@ -849,7 +849,7 @@ class _Reservoir:
             self.digests = np.empty((self.cap, DIGEST_BYTES), np.uint8)
             self.index = np.empty(self.cap, np.int64)
         s = slots[rows]
-        self.x[s] = x.reshape(b, -1)[torch.as_tensor(rows)].cpu().double().numpy()
+        self.x[s] = x.detach().reshape(b, -1).cpu().numpy()[rows]  # float64 store
         for store, p in zip(self.patterns, patterns):
             store[s] = p[rows]
         self.digests[s] = digests[rows]
