@@ -206,20 +206,22 @@ def _clip(verts: np.ndarray, labels: np.ndarray, g: np.ndarray, h: float, label:
         return verts, labels
     if not inside.any():
         return verts[:0], labels[:0]
-    # vertex i keeps its place if inside; an edge i -> i + 1 that crosses the line adds
-    # the crossing point after it, starting the rest of edge i (entering) or the new edge
-    # along the line (leaving)
-    inside_next, s_next, verts_next = _next(inside), _next(s), _next(verts)
-    crosses = inside != inside_next
-    t = np.divide(s, s - s_next, out=np.zeros_like(s), where=crosses)
-    points = verts + t[:, None] * (verts_next - verts)
-    out_v = np.stack([verts, points], axis=1)  # (K, 2 slots, 2)
-    out_l = np.stack([labels, np.where(inside_next, labels, label)], axis=1)
-    slot = np.stack([inside, crosses], axis=1)
-    v, lab = out_v[slot], out_l[slot]
+    # vertex i keeps its place (slot 2 i) if inside; an edge i -> j = i + 1 that crosses
+    # the line adds the crossing point after it (slot 2 i + 1), starting the rest of edge
+    # i (entering) or the new edge along the line (leaving)
+    k = len(verts)
+    nxt = np.arange(1, k + 1) % k
+    kept = np.flatnonzero(inside)
+    cut = np.flatnonzero(inside != inside[nxt])
+    j = nxt[cut]
+    t = s[cut] / (s[cut] - s[j])
+    points = verts[cut] + t[:, None] * (verts[j] - verts[cut])
+    order = np.argsort(np.concatenate([2 * kept, 2 * cut + 1]))
+    v = np.concatenate([verts[kept], points])[order]
+    lab = np.concatenate([labels[kept], np.where(inside[j], labels[cut], label)])[order]
     # a vertex (within rounding) equal to the next one starts an edge of rounding length,
     # whose direction is noise: drop it, so the edge that follows keeps its own label
-    size = float(np.abs(v).max()) + float(np.ptp(v, axis=0).max())
+    size = float(np.abs(v).max()) + float((v.max(axis=0) - v.min(axis=0)).max())
     gap = np.linalg.norm(v - _next(v), axis=1)
     keep = gap > VERTEX_MERGE * size
     return v[keep], lab[keep]
@@ -337,22 +339,42 @@ def _extent_polygon(ob, x0: Tensor, u: Tensor, v: Tensor, extent) -> np.ndarray:
     return verts
 
 
-def _half_planes(ob, config, gates, pts: np.ndarray, ns: np.ndarray, es: np.ndarray):
-    """(G (F, M, 2), h (F, M)) with ``G[f] q <= h[f]`` for the region of each input f of
-    the batch, from its rows restricted to the plane around pts[f] along (ns[f], es[f])
-    (orthonormal in (a, b)); one :func:`rows_in_plane` call for the whole batch. Row m is
-    the m-th row of rows_in_plane's layout (the edge labels); rows with no line in the
-    plane (``h`` not finite or ``G`` zero) are left to the caller to drop."""
+def _half_planes(ob, config, gates, pts: np.ndarray, ns: np.ndarray, es: np.ndarray,
+                 start: np.ndarray):
+    """For each input f of the batch: (G (m, 2), h (m,), rows (m,), dist (m,)) with
+    ``G q <= h`` the rows of its region restricted to the plane around pts[f] along
+    (ns[f], es[f]) (orthonormal in (a, b)) whose lines come within the L1 size of the
+    polygon ``start`` around pts[f] (no other row can cut it): ``rows`` their indices in
+    :func:`rows_in_plane`'s layout (the edge labels), ``dist`` their lines' L-infinity
+    distance from pts[f]. One rows_in_plane call for the whole batch."""
     parts = rows_in_plane(ob.program, config, gates, ob.tol)
     f = config.batch_size
     if not parts:  # no gates: one region, the whole plane
-        return np.zeros((f, 0, 2)), np.zeros((f, 0))
+        none = (np.zeros((0, 2)), np.zeros(0), np.zeros(0, dtype=np.int64), np.zeros(0))
+        return [none] * f
     cat = lambda i: torch.cat([t[i] for t in parts], dim=1).double().cpu().numpy()  # noqa: E731
     s, r1, r2 = cat(1), cat(2), cat(3)  # (F, M)
-    w = r1[:, :, None] * ns[:, None, :] + r2[:, :, None] * es[:, None, :]  # (F, M, 2)
-    # slack + (q - p) . w >= 0  <=>  -w . q <= slack - w . p
-    h = s - (w[:, :, 0] * pts[:, None, 0] + w[:, :, 1] * pts[:, None, 1])
-    return -w, h
+    size0 = np.abs(start[None] - pts[:, None]).sum(axis=2).max(axis=1)  # (F,)
+    # a superset of the rows that can cut (slack / |w|_1 is their distance up to rounding,
+    # a margin far above it keeps every one); the exact test follows on these few
+    wa = np.abs(r1 * ns[:, None, 0] + r2 * es[:, None, 0]) \
+        + np.abs(r1 * ns[:, None, 1] + r2 * es[:, None, 1])
+    margin = NEAR_SLACK * (size0 + np.abs(pts).sum(axis=1))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        maybe = np.isfinite(s) & ((r1 != 0) | (r2 != 0)) \
+            & (s <= (size0 + margin)[:, None] * wa)
+    out = []
+    for i in range(f):
+        rows = np.flatnonzero(maybe[i])
+        w = np.outer(r1[i, rows], ns[i]) + np.outer(r2[i, rows], es[i])
+        # slack + (q - p) . w >= 0  <=>  -w . q <= slack - w . p
+        G, h = -w, s[i, rows] - w @ pts[i]
+        keep = np.isfinite(h) & np.any(G != 0, axis=1)
+        G, h, rows = G[keep], h[keep], rows[keep]
+        dist = (h - G @ pts[i]) / np.maximum(np.abs(G).sum(axis=1), 1e-300)
+        near = dist <= size0[i]
+        out.append((G[near], h[near], rows[near], dist[near]))
+    return out
 
 
 def _polygon(ob, G, h, rows, dist, start: np.ndarray, p: np.ndarray):
@@ -414,7 +436,11 @@ NEAR_CELLS = 32
 stretch of the edge touches the edge's own polygon; the margin only bounds the work)."""
 
 ROWS_CHUNK = 64
-"""Fresh regions whose plane rows are gathered in one (F, M, 2) array."""
+"""Fresh regions whose plane rows are gathered in one (F, M) array."""
+
+NEAR_SLACK = 1e-6
+"""Relative margin of the first, rounded test of which rows can cut a polygon (far above
+the rounding of slack / |w|; the exact test follows)."""
 
 
 class _Edges:
@@ -641,19 +667,13 @@ class _Walk:
         for c0 in range(0, len(fresh), ROWS_CHUNK):
             part = fresh[c0:c0 + ROWS_CHUNK]
             sub = torch.as_tensor(part, dtype=torch.int64)
-            G, h = _half_planes(self.ob, config[sub], gates[sub], pts[part], ns[part],
-                                es[part])
+            rows_of = _half_planes(self.ob, config[sub], gates[sub], pts[part], ns[part],
+                                   es[part], self.start)
             w_all, b_all = _plane_llc(self.ob, config[sub], logits[sub], self.u, self.v,
                                       pts[part])
-            usable = np.isfinite(h) & np.any(G != 0, axis=2)  # (F, M)
-            gn = np.maximum(np.abs(G).sum(axis=2), 1e-300)
-            dist = (h - (G[:, :, 0] * pts[part, None, 0] + G[:, :, 1] * pts[part, None, 1])) \
-                / gn
-            size0 = np.abs(self.start[None] - pts[part, None]).sum(axis=2).max(axis=1)
             for f, j in enumerate(part):
-                rows = np.flatnonzero(usable[f] & (dist[f] <= size0[f]))
-                verts, labels = _polygon(self.ob, G[f, rows], h[f, rows], rows, dist[f, rows],
-                                         self.start, pts[j])
+                G, h, rows, dist = rows_of[f]
+                verts, labels = _polygon(self.ob, G, h, rows, dist, self.start, pts[j])
                 if len(verts) < 3:
                     raise RuntimeError(
                         f"plane: the region at (a, b) = {tuple(pts[j])} clips to an empty "
