@@ -500,16 +500,20 @@ def _reference_digests(ob, x, batch_size):
     for i in range(0, x.shape[0], batch_size):
         config = ob.configure(ob.check_input(x[i : i + batch_size])).configuration
         keys += [k.digest16 for k in config.region_keys()]
-        for row in zip(*(np.ascontiguousarray(p) for p in _patterns(config, layers))):
-            per_layer.append([hashlib.blake2b(r.tobytes(), digest_size=16).digest()
-                              for r in row])
+        pats = [np.ascontiguousarray(p) for p in _patterns(config, layers)]
+        for i in range(config.batch_size):
+            per_layer.append([hashlib.blake2b(p[i].tobytes(), digest_size=16).digest()
+                              for p in pats])
     return keys, per_layer
 
 
-@pytest.mark.parametrize("which", ["cnn", "mlp", "pool1", "pool3", "conv1d"])
+@pytest.mark.parametrize("which", ["cnn", "mlp", "pool1", "pool3", "conv1d", "linear"])
 def test_census_digests_match_the_reference(which, cnn, mlp, cnn_data):
     if which == "cnn":
         ob, x = cnn, cnn_data[0]
+    elif which == "linear":  # no gates: one region, keys of the context alone
+        ob = openbox.OpenBox(torch.nn.Sequential(torch.nn.Linear(4, 3)).double(), (4,))
+        x = random_input((4,), 9, 3)
     elif which == "mlp":
         ob = mlp
         x = torch.cat([random_input((4,), 20, 1), torch.zeros(2, 4)])

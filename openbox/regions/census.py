@@ -29,7 +29,11 @@ are at most ``neighbours_n``; its memory is ``neighbours_n x (8 prod(input_shape
 pattern bytes)`` (about 20 MB at 2,000 inputs on the demo CNN) whatever the size of the
 data set, and it is freed once the statistics are computed. The nearest neighbour of a
 sampled input is the closest *other* sampled input in L2 (ties: the earliest in the
-data); a duplicated input is its copy's neighbour, at distance 0 and Hamming distance 0.
+data; "closest" by the computed sum of squared differences); a duplicated input is its
+copy's neighbour, at distance 0 and Hamming distance 0. The search takes candidates from
+half a Gram matrix (one matrix product per block of rows, ~M^2 D / 2 multiply-adds) and
+certifies each answer against a bound on that form's rounding; rows it cannot settle
+(exact ties, more copies of an input than candidates) get every distance computed.
 
 Merging. ``a.merge(b)`` (or ``a + b``, or ``sum(parts)``) is exact for everything but
 the nearest-neighbour statistics: counts add, regions and per-layer patterns are the
@@ -72,13 +76,15 @@ NEIGHBOURS_SEED = 0
 """Default seed of the reservoir sample for nearest-neighbour statistics."""
 
 NEIGHBOUR_CANDIDATES = 4
-"""Candidates per input kept from the fast (Gram-matrix) distance pass; their distances
-are then recomputed as sums of squared differences and the smallest wins, so rounding in
-``|a|^2 + |b|^2 - 2 a.b`` cannot pick a neighbour that is not the nearest."""
+"""Candidates per input kept from the fast (Gram-matrix) distance pass. An input whose
+best candidate is not ahead of all others by more than the pass's rounding bound has its
+candidates' sums of squared differences computed, and, if the farthest candidate cannot
+rule out the inputs outside them, its distances to every input (see :func:`_nearest`):
+rounding in ``|a|^2 + |b|^2 - 2 a.b`` never picks a neighbour that is not the nearest."""
 
 DISTANCE_ROWS = 256
-"""Sample rows per block of the nearest-neighbour search (memory ~ rows x (sample +
-NEIGHBOUR_CANDIDATES x input size) x 8 B)."""
+"""Sample rows per block of the nearest-neighbour search (memory ~ 2 x rows x sample x
+8 B, and rows x NEIGHBOUR_CANDIDATES x input size x 8 B for the rows it recomputes)."""
 
 class Layer(NamedTuple):
     """One gate node of the program.
@@ -724,23 +730,32 @@ def _key_digests(config, layers: tuple[Layer, ...], patterns: list[np.ndarray]) 
     packed = (np.concatenate(parts, axis=1) if parts
               else np.zeros((b, 0), dtype=np.uint8))
     head = hashlib.blake2b(config.context, digest_size=DIGEST_BYTES)
-    out = bytearray()
-    for row in packed:
+    return _digests(head, packed)
+
+
+def _digests(head, rows: np.ndarray) -> np.ndarray:
+    """(B, 16) uint8: the digest of ``head`` (a BLAKE2b object, copied) updated with each
+    row of rows (B, W) uint8. The rows' bytes are hashed in place (memoryview slices): the
+    hashing itself, ~1 GB/s, is most of the cost."""
+    b, w = rows.shape
+    if w == 0:  # no gates: every input hashes the head alone
+        return np.tile(np.frombuffer(head.copy().digest(), dtype=np.uint8), (b, 1))
+    mv = memoryview(np.ascontiguousarray(rows).reshape(-1))
+    out = []
+    for o in range(0, b * w, w):
         h = head.copy()
-        h.update(row)
-        out += h.digest()
-    return np.frombuffer(bytes(out), dtype=np.uint8).reshape(b, DIGEST_BYTES)
+        h.update(mv[o : o + w])
+        out.append(h.digest())
+    return np.frombuffer(b"".join(out), dtype=np.uint8).reshape(b, DIGEST_BYTES)
 
 
 def _digest_rows(patterns: list[np.ndarray], b: int) -> np.ndarray:
     """(B, L, 16) uint8: the BLAKE2b digest of every input's pattern of every layer."""
-    out = bytearray()
-    rows = [np.ascontiguousarray(p) for p in patterns]
-    blake2b = hashlib.blake2b
-    for i in range(b):
-        for p in rows:
-            out += blake2b(p[i], digest_size=DIGEST_BYTES).digest()
-    return np.frombuffer(bytes(out), dtype=np.uint8).reshape(b, len(patterns), DIGEST_BYTES)
+    out = np.empty((b, len(patterns), DIGEST_BYTES), dtype=np.uint8)
+    head = hashlib.blake2b(digest_size=DIGEST_BYTES)
+    for j, p in enumerate(patterns):
+        out[:, j] = _digests(head, np.ascontiguousarray(p).view(np.uint8).reshape(b, -1))
+    return out
 
 
 def _labels(y, n: int, where: str) -> np.ndarray:
