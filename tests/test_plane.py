@@ -240,3 +240,70 @@ def test_vectorised_clip_and_stretches_match_one_at_a_time_references():
     np.testing.assert_allclose(lo[own], 0.0, atol=1e-12)
     np.testing.assert_allclose(hi[own], 1.0, atol=1e-12)
     assert (s0[own] == 0).all() and (s1[own] == 1).all()
+
+
+def _key_map(pm):
+    """key -> (area, centroid), and the graph as key pairs."""
+    polys = {p.region_key: (p.area, p.centroid) for p in pm.polygons}
+    edges = {frozenset((pm.polygons[i].region_key, pm.polygons[j].region_key))
+             for i, j in pm.graph.edges}
+    return polys, edges
+
+
+def test_batch_size_and_neighbour_guesses_do_not_change_the_map():
+    """One point per pass (no batch, so no guess keeps a crossing back) and big batches
+    give the same regions, areas and graph; and the guessed neighbour across a facet edge
+    (the edge's row flipped) is the configured one for most edges (the reference: the
+    configuration just across each edge's middle)."""
+    from openbox.configuration import configure
+    from openbox.constraints import rows_in_plane
+    from openbox.regions.plane import BOUNDARY, _States
+
+    model = random_cnn(3, channels=(3, 4), input_shape=(1, 12, 12))
+    ob = openbox.OpenBox(model, (1, 12, 12))
+    g = torch.Generator().manual_seed(4)
+    x0, x1, x2 = torch.rand((3, 1, 12, 12), generator=g, dtype=F64)
+    u, v = x1 - x0, x2 - x0
+    ext = (-0.03, 0.03, -0.03, 0.03)
+    maps = [plane(ob, x0, u, v, ext, batch=b, progress=False) for b in (1, 7, 256)]
+    (p1, e1), *rest = [_key_map(pm) for pm in maps]
+    for polys, edges in rest:
+        assert set(polys) == set(p1) and edges == e1
+        for k, (area, c) in polys.items():
+            assert area == pytest.approx(p1[k][0], rel=1e-9, abs=1e-15)
+            np.testing.assert_allclose(c, p1[k][1], rtol=1e-9, atol=1e-12)
+
+    pm = maps[0]
+    states = _States()
+
+    def hashes_at(ab):
+        xs = x0 + torch.tensor(ab[:, :1, None, None]) * u + torch.tensor(
+            ab[:, 1:, None, None]) * v
+        dirs = torch.stack([u, v, ob.direction]).unsqueeze(1).expand(3, len(ab), *u.shape)
+        _, config, gates, _ = configure(ob.program, xs, dirs, ob.tol, record=True)
+        layout = [(k, int(t.shape[1])) for k, t, _, _ in rows_in_plane(ob.program, config,
+                                                                       gates, ob.tol)]
+        return states.hashes(config, layout), layout
+
+    right, total, pool_rows = 0, 0, 0
+    for poly in pm.polygons:
+        h, layout = hashes_at(poly.centroid[None])
+        guess = states.across(h, 0, poly.edge_labels, layout)
+        verts = poly.vertices
+        for i, lab in enumerate(poly.edge_labels):
+            if lab == BOUNDARY:
+                continue
+            a, b = verts[i], verts[(i + 1) % len(verts)]
+            d = b - a
+            if np.linalg.norm(d) < 1e-6:
+                continue
+            out = 0.5 * (a + b) + 1e-7 * np.array([d[1], -d[0]]) / np.linalg.norm(d)
+            there = hashes_at(out[None])[0][0][0]
+            right += int(there == guess[i])
+            total += 1
+            gate = layout[int(np.searchsorted(h[3], lab, side="right")) - 1][0]
+            pool_rows += int(gate not in h[4])
+    # wrong guesses: a ReLU that turns on in a max-pool window of zeros also moves the
+    # window's selection (the walk then crosses once more; the maps above agree)
+    assert total > 100 and right >= 0.6 * total, (right, total)
+    assert pool_rows > 0

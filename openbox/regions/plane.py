@@ -346,12 +346,14 @@ def _half_planes(ob, config, gates, pts: np.ndarray, ns: np.ndarray, es: np.ndar
     (ns[f], es[f]) (orthonormal in (a, b)) whose lines come within the L1 size of the
     polygon ``start`` around pts[f] (no other row can cut it): ``rows`` their indices in
     :func:`rows_in_plane`'s layout (the edge labels), ``dist`` their lines' L-infinity
-    distance from pts[f]. One rows_in_plane call for the whole batch."""
+    distance from pts[f]. One rows_in_plane call for the whole batch. Also the layout:
+    [(gate node k, rows of gate k)] in row order."""
     parts = rows_in_plane(ob.program, config, gates, ob.tol)
     f = config.batch_size
+    layout = [(k, int(t.shape[1])) for k, t, _, _ in parts]
     if not parts:  # no gates: one region, the whole plane
         none = (np.zeros((0, 2)), np.zeros(0), np.zeros(0, dtype=np.int64), np.zeros(0))
-        return [none] * f
+        return [none] * f, layout
     cat = lambda i: torch.cat([t[i] for t in parts], dim=1).double().cpu().numpy()  # noqa: E731
     s, r1, r2 = cat(1), cat(2), cat(3)  # (F, M)
     size0 = np.abs(start[None] - pts[:, None]).sum(axis=2).max(axis=1)  # (F,)
@@ -374,7 +376,7 @@ def _half_planes(ob, config, gates, pts: np.ndarray, ns: np.ndarray, es: np.ndar
         dist = (h - G @ pts[i]) / np.maximum(np.abs(G).sum(axis=1), 1e-300)
         near = dist <= size0[i]
         out.append((G[near], h[near], rows[near], dist[near]))
-    return out
+    return out, layout
 
 
 def _polygon(ob, G, h, rows, dist, start: np.ndarray, p: np.ndarray):
@@ -441,6 +443,64 @@ ROWS_CHUNK = 64
 NEAR_SLACK = 1e-6
 """Relative margin of the first, rounded test of which rows can cut a polygon (far above
 the rounding of slack / |w|; the exact test follows)."""
+
+
+class _States:
+    """Hashes of gate states (Zobrist: the XOR of one random word per gate input and
+    state), to guess the region across a facet edge without configuring it: the edge's
+    row flipped (a ReLU row: its unit's state; a max-pool row: its window selects the
+    row's entry). Only :meth:`_Walk.take` uses the guesses, to keep two crossings aimed at
+    the same region out of one batch; a wrong guess (a collision, or a neighbour that
+    differs in more than the edge's row) costs a wasted or a later crossing, never a
+    result."""
+
+    def __init__(self):
+        self.rng = np.random.default_rng(0x0B0C5)
+        self.words: dict[int, np.ndarray] = {}  # gate node -> (units, states) uint64
+
+    def _words(self, k: int, units: int, states: int) -> np.ndarray:
+        w = self.words.get(k)
+        if w is None or w.shape != (units, states):
+            w = self.rng.integers(0, np.iinfo(np.uint64).max, (units, states), dtype=np.uint64,
+                                  endpoint=True)
+            self.words[k] = w
+        return w
+
+    def hashes(self, config, layout):
+        """(hash (F,) uint64, states {k: (F, units) int64}, words {k: (units, states)},
+        row offsets of the gates, the ReLU gates) of each input of the configuration;
+        ``layout`` as :func:`_half_planes` gives."""
+        f = config.batch_size
+        h = np.zeros(f, dtype=np.uint64)
+        states, words = {}, {}
+        for k, m in layout:
+            if k in config.on:
+                st = config.on[k].reshape(f, -1).cpu().numpy().astype(np.int64)
+                w = self._words(k, st.shape[1], 2)
+            else:
+                st = config.select[k].reshape(f, -1).cpu().numpy().astype(np.int64)
+                w = self._words(k, st.shape[1], m // max(st.shape[1], 1))
+            states[k], words[k] = st, w
+            h ^= np.bitwise_xor.reduce(w[np.arange(st.shape[1]), st], axis=1)
+        return h, states, words, np.cumsum([0] + [m for _, m in layout]), set(config.on)
+
+    def across(self, hashes, f: int, labels: np.ndarray, layout) -> np.ndarray:
+        """(K,) uint64: for each edge label (a row of input f's layout, or BOUNDARY) the
+        hash of the state with that row flipped (BOUNDARY: 0)."""
+        h, states, words, off, relu = hashes
+        out = np.zeros(len(labels), dtype=np.uint64)
+        for i, r in enumerate(labels.tolist()):
+            if r == BOUNDARY:
+                continue
+            g = int(np.searchsorted(off, r, side="right")) - 1
+            k = layout[g][0]
+            local, st, w = r - int(off[g]), states[k], words[k]
+            if k in relu:
+                unit, new = local, 1 - int(st[f, local])  # a ReLU row: the unit flips
+            else:
+                unit, new = divmod(local, w.shape[1])  # a max-pool row: window, entry
+            out[i] = h[f] ^ w[unit, int(st[f, unit])] ^ w[unit, new]
+        return out
 
 
 class _Edges:
@@ -601,20 +661,33 @@ class _Walk:
         self.covered: dict[int, list[tuple[float, float]]] = {}  # open edge -> intervals
         self.at: dict[int, float] = {}  # open edge -> parameter of its next crossing
         self.queue: list[int] = []  # open edges in crossing order (closed ones skipped)
+        self.states = _States()
+        self.guess = np.zeros(0, dtype=np.uint64)  # per edge: the guessed neighbour's hash
+        self.known_hashes: set[int] = set()
 
     # -- the frontier
 
     def take(self, n: int) -> np.ndarray:
-        """(<= n,) the next open edges to cross, removed from the queue."""
-        out, rest = [], 0
+        """(<= n,) the next open edges to cross, removed from the queue. An edge whose
+        guessed neighbour (:class:`_States`) another edge of the batch is already crossing
+        into waits for the next batch, where that neighbour is likely known and covers it
+        (the guess only orders the work: what a crossing finds is configured)."""
+        out, aimed, wait, rest = [], set(), [], 0
         for rest, t in enumerate(self.queue):
             if len(out) == n:
                 break
-            if t in self.at:
+            if t not in self.at:
+                continue
+            g = int(self.guess[t])
+            if g in aimed:
+                wait.append(t)
+            else:
                 out.append(t)
+                if g not in self.known_hashes:  # a known guess is wrong for this part
+                    aimed.add(g)
         else:
             rest = len(self.queue)
-        self.queue = self.queue[rest:]
+        self.queue = wait + self.queue[rest:]
         return np.array(out, dtype=np.int64)
 
     def crossings(self, edges: np.ndarray):
@@ -663,12 +736,13 @@ class _Walk:
 
     def _add_regions(self, config, gates, logits, pts, ns, es, fresh, keys):
         """Clip the polygon of every fresh region and append it."""
-        verts_list = []
+        verts_list, guess = [], []
         for c0 in range(0, len(fresh), ROWS_CHUNK):
             part = fresh[c0:c0 + ROWS_CHUNK]
             sub = torch.as_tensor(part, dtype=torch.int64)
-            rows_of = _half_planes(self.ob, config[sub], gates[sub], pts[part], ns[part],
-                                   es[part], self.start)
+            rows_of, layout = _half_planes(self.ob, config[sub], gates[sub], pts[part],
+                                           ns[part], es[part], self.start)
+            hashes = self.states.hashes(config[sub], layout)
             w_all, b_all = _plane_llc(self.ob, config[sub], logits[sub], self.u, self.v,
                                       pts[part])
             for f, j in enumerate(part):
@@ -686,7 +760,10 @@ class _Walk:
                 self.graph.add_node(len(self.polys))
                 self.polys.append(poly)
                 verts_list.append(verts)
+                self.known_hashes.add(int(hashes[0][f]))
+                guess += list(self.states.across(hashes, f, labels, layout))
         self.edges.add(len(self.polys) - len(verts_list), verts_list)
+        self.guess = np.concatenate([self.guess, np.array(guess, dtype=np.uint64)])
 
     def _open_edges(self, first: int) -> list[int]:
         """Open the facet edges of polygons first, first + 1, ...: every edge made by a
