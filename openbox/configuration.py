@@ -365,6 +365,26 @@ class _ConfigurationRun(Interpreter):
             y[: self.b] += node.bias
         return y
 
+    def _relu_on(self, z: Tensor, dzs) -> tuple[Tensor, Tensor | None]:
+        """The lexicographic ReLU rule: (on (B, *shape), tied or None when nothing ties)
+        for gate inputs z (B, *shape) with derivatives ``dzs[i]`` (B or 1, *shape) along
+        each direction in order; counts the tied moving inputs into ``n_relu``."""
+        on = z > 0
+        tied = self.tol.relu_tied(z)
+        if not bool(tied.any()):
+            return on, None
+        # lexicographic: the first direction along which the input moves decides
+        decided = ~tied
+        moving_any = torch.zeros_like(tied)
+        for dz in dzs:
+            moving = self.tol.relu_moving(dz) & ~decided
+            on = torch.where(moving, dz > 0, on)
+            decided |= moving
+            moving_any |= moving
+        on = torch.where(tied & ~moving_any, torch.zeros_like(on), on)  # constant: off
+        self.n_relu += (tied & moving_any).reshape(z.shape[0], -1).sum(1)
+        return on, tied
+
     def relu(self, k, node: ReLU, x):
         b = self.b
         z = x[:b]
@@ -373,19 +393,7 @@ class _ConfigurationRun(Interpreter):
             self.values[k], self.derivatives[k] = z, dz[0]
             if self.n_dir > 1:
                 self.derivatives2[k] = dz[1]
-        on = z > 0
-        tied = self.tol.relu_tied(z)
-        if bool(tied.any()):
-            # lexicographic: the first direction along which the input moves decides
-            decided = ~tied
-            moving_any = torch.zeros_like(tied)
-            for i in range(self.n_dir):
-                moving = self.tol.relu_moving(dz[i]) & ~decided
-                on = torch.where(moving, dz[i] > 0, on)
-                decided |= moving
-                moving_any |= moving
-            on = torch.where(tied & ~moving_any, torch.zeros_like(on), on)  # constant: off
-            self.n_relu += (tied & moving_any).reshape(b, -1).sum(1)
+        on, _ = self._relu_on(z, dz.unbind(0))
         self.on[k] = on
         out = torch.empty_like(x)
         slope = node.negative_slope
@@ -433,25 +441,8 @@ class _ConfigurationRun(Interpreter):
             torch.maximum(v[0], v[1], out=value)
         for e in v[2:]:
             torch.maximum(value, e, out=value)
-        tied = [self.tol.pool_tied(e, value) for e in v]
-        same = tied
-        low = x.new_full((), -torch.inf)
-        for i in range(n_dir):  # keep the entries that rise fastest, direction by direction
-            masked = [torch.where(s, view(b * (i + 1), b, o), low)
-                      for s, o in zip(same, offsets)]
-            top = masked[0] if len(masked) == 1 else torch.maximum(masked[0], masked[1])
-            for m in masked[2:]:
-                torch.maximum(top, m, out=top)
-            same = [s & self.tol.same_slope(m, top) for s, m in zip(same, masked)]
-        # the first True (the lowest window position), 0 when none: the number of leading
-        # positions before it, counted as the prefixes that hold no True
-        none = ~same[0]
-        lead = torch.zeros(value.shape, dtype=torch.uint8, device=x.device)
-        for s in same[1:]:
-            lead += none.view(torch.uint8)
-            none = none & ~s
-        lead *= (~none).view(torch.uint8)
-        sel = lead.view(b, -1).to(torch.int64)
+        dviews = [[view(b * (i + 1), b, o) for o in offsets] for i in range(n_dir)]
+        sel, _ = self._pool_choose(v, value, dviews)
         window = node.window.to(sel.device)
         index = torch.gather(window.unsqueeze(0).expand(b, -1, -1), 2, sel.unsqueeze(2))
         index = index.squeeze(2)
@@ -460,11 +451,39 @@ class _ConfigurationRun(Interpreter):
                      out=out[b:].view(n_dir, b, -1))
         self.select[k] = sel
         self.index[k] = index
-        n = torch.zeros(b, dtype=torch.int64, device=x.device)
+        return out
+
+    def _pool_choose(self, v, value, dviews) -> tuple[Tensor, list[Tensor]]:
+        """The lexicographic max-pool rule on a regular window grid: v is K views
+        (B, *out_shape), one per window position, of the gate input's values; value their
+        maximum; ``dviews[i]`` the K views (B or 1, *out_shape) of the derivatives along
+        direction i. Returns (sel (B, n_out) int64, the window position chosen, and the
+        K tied masks); counts the ties between different functions into ``n_pool``."""
+        b = value.shape[0]
+        floor = self.tol.pool_floor(value)  # tol.pool_tied, its bound computed once
+        tied = [e >= floor for e in v]
+        same = tied
+        low = value.new_full((), -torch.inf)
+        for dv in dviews:  # keep the entries that rise fastest, direction by direction
+            masked = [torch.where(s, e, low) for s, e in zip(same, dv)]
+            top = masked[0] if len(masked) == 1 else torch.maximum(masked[0], masked[1])
+            for m in masked[2:]:
+                torch.maximum(top, m, out=top)
+            floor = self.tol.slope_floor(top)  # tol.same_slope, its bound computed once
+            same = [s & (m >= floor) for s, m in zip(same, masked)]
+        # the first True (the lowest window position), 0 when none: the number of leading
+        # positions before it, counted as the prefixes that hold no True
+        none = ~same[0]
+        lead = torch.zeros(value.shape, dtype=torch.uint8, device=value.device)
+        for s in same[1:]:
+            lead += none.view(torch.uint8)
+            none = none & ~s
+        lead *= (~none).view(torch.uint8)
+        n = torch.zeros(b, dtype=torch.int64, device=value.device)
         for t, s in zip(tied, same):
             n += (t & ~s).view(b, -1).sum(1)
         self.n_pool += n
-        return out
+        return lead.view(b, -1).to(torch.int64), tied
 
     def _maxpool_table(self, k, node: MaxPool, x):
         b = self.b
@@ -474,19 +493,26 @@ class _ConfigurationRun(Interpreter):
         out = x.new_empty((x.shape[0], *node.out_shape))
         value = out[:b].view(b, -1, 1)
         torch.amax(v, dim=2, keepdim=True, out=value)
-        tied = self.tol.pool_tied(v, value)
-        same = tied
-        for i in range(self.n_dir):  # keep the entries that rise fastest, direction by direction
-            masked = torch.where(same, dv[i], torch.full_like(dv[i], -torch.inf))
-            same = same & self.tol.same_slope(masked, masked.amax(dim=2, keepdim=True))
-        sel = same.to(torch.uint8).argmax(dim=2)  # first True: lowest window position
+        sel, _ = self._pool_choose_dense(v, value, dv.unbind(0))
         self.select[k] = sel
         window = node.window.to(sel.device)
         self.index[k] = window[torch.arange(window.shape[0], device=sel.device), sel]
-        self.n_pool += (tied & ~same).reshape(b, -1).sum(1)
         idx = sel.unsqueeze(2).unsqueeze(0).expand(self.n_dir, -1, -1, -1)
         torch.gather(dv, 3, idx, out=out[b:].view(self.n_dir, b, -1, 1))
         return out
+
+    def _pool_choose_dense(self, v, value, dvs) -> tuple[Tensor, Tensor]:
+        """:meth:`_pool_choose` on gathered windows: v (B, n_out, K) values (padding
+        -inf), value (B, n_out, 1) their maximum, ``dvs[i]`` (B or 1, n_out, K) the
+        derivatives along direction i. Returns (sel (B, n_out), tied (B, n_out, K))."""
+        tied = v >= self.tol.pool_floor(value)
+        same = tied
+        for dv in dvs:  # keep the entries that rise fastest, direction by direction
+            masked = torch.where(same, dv, torch.full_like(dv, -torch.inf))
+            same = same & (masked >= self.tol.slope_floor(masked.amax(dim=2, keepdim=True)))
+        sel = same.to(torch.uint8).argmax(dim=2)  # first True: lowest window position
+        self.n_pool += (tied & ~same).reshape(v.shape[0], -1).sum(1)
+        return sel, tied
 
 
 _POOL_GRIDS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -523,3 +549,177 @@ def _pool_grid(node: MaxPool):
                 grid = (base, sizes, tuple(strides), tuple(offsets))
     _POOL_GRIDS[node] = grid
     return grid
+
+
+# ------------------------------------------------------------------ the pass along a line
+
+
+class LinePass(NamedTuple):
+    """What :func:`configure_line` returns for B points ``x0 + t d`` of one line.
+
+    Attributes:
+        configuration: the configuration of each point (B inputs), tie-break along d, then u.
+        logits: (B, C) the network at each point (``intercepts + t * rates``).
+        rates: (B, C) the logits' derivative along d inside each point's region.
+        exit: (B,) float64 on the CPU: the t at which each point's region ends along the
+            line (the first row that falls reaches zero; +inf when none falls). Computed
+            from the region alone (its affine gate inputs at t = 0 and their rates), never
+            from the point: two points of one region get the same exit, bit for bit.
+    """
+
+    configuration: Configuration
+    logits: Tensor
+    rates: Tensor
+    exit: Tensor
+
+
+def configure_line(
+    program: Program,
+    x0: Tensor,
+    direction: Tensor,
+    tie_direction: Tensor,
+    t: Tensor,
+    tol: Tolerances,
+    *,
+    context: bytes = b"",
+) -> LinePass:
+    """The configurations of the points ``x0 + t_i d`` (B of them) of one line, with the
+    exit of each point's region along the line, in one pass.
+
+    The pass carries, instead of the points' values, each gate input's *intercept* (its
+    affine function of t at t = 0, under the gates chosen upstream) and its rates along
+    ``d`` and ``u``: three streams, ``[a; dz/dd; dz/du]``. A gate input's value at a point
+    is ``a + t * rate`` (equal to the network's own value in exact arithmetic), and the
+    gates are decided by the rule of :func:`configure` with the lexicographic tie-break
+    (d, then u). The nodes before the first gate are run once on the three streams, not
+    per point. Because the intercepts and rates of a region depend on its gates only, the
+    region's exit (:func:`openbox.constraints.relu_line_exit`,
+    :func:`~openbox.constraints.pool_line_exit`) does not depend on which point of the
+    region was configured: a walk that steps from exit to exit visits the same points
+    whatever point of a region it starts from (what lets :func:`openbox.regions.segment`
+    walk sub-segments side by side and join them exactly).
+
+    Args:
+        x0: (1, *input_shape) or (*input_shape) the line's point at t = 0.
+        direction: (*input_shape) d.
+        tie_direction: (*input_shape) u, for ties that persist along d.
+        t: (B,) parameters of the points (any float dtype; used in x0's dtype).
+    """
+    from openbox import constraints  # the row math lives there; it imports this module
+
+    shape = tuple(program.input_shape)
+    x0 = x0.reshape(1, *shape)
+    if tuple(direction.shape) != shape or tuple(tie_direction.shape) != shape:
+        raise ValueError(f"direction and tie_direction must be {shape}, got "
+                         f"{tuple(direction.shape)} and {tuple(tie_direction.shape)}")
+    t = torch.as_tensor(t).reshape(-1).to(dtype=x0.dtype, device=x0.device)
+    if t.numel() == 0:
+        raise ValueError("configure_line needs at least one t")
+    run = _LineRun(program, tol, t, constraints)
+    stacked = torch.cat([x0, direction.reshape(1, *shape), tie_direction.reshape(1, *shape)])
+    with torch.no_grad():
+        out = run.run(program, stacked)
+    b = t.shape[0]
+    out = out.reshape(3, -1, *out.shape[1:]).expand(3, b, *out.shape[1:])
+    logits = torch.addcmul(out[0], out[1], t.reshape(-1, *[1] * (out.dim() - 2)))
+    config = Configuration(
+        run.on, run.select, run.index, run.n_relu, run.n_pool,
+        {k: int(program.nodes[k].window.shape[1]) for k in run.select}, context,
+    )
+    exit_ = run.exit.double().cpu()
+    if bool(exit_.isnan().any()):
+        raise RuntimeError("NaN in a region's exit along the line")
+    return LinePass(config, logits, out[1], exit_)
+
+
+class _LineRun(_ConfigurationRun):
+    """One run of :func:`configure_line`: every value is three stacked blocks ``[a; d; u]``
+    of R rows each, R = 1 before the first gate (shared by all points) and B after it. The
+    first block is the affine intercept (biases on), the others rates (no biases); gates
+    act on all three blocks alike, as chosen from the values ``a + t d``."""
+
+    def __init__(self, program: Program, tol: Tolerances, t: Tensor, rows):
+        super().__init__(program, tol, False, t.shape[0], 2, t.device)
+        self.t = t
+        self.rows = rows  # openbox.constraints: the exits of the rows
+        self.exit = torch.full((t.shape[0],), torch.inf, dtype=t.dtype, device=t.device)
+
+    def _tcol(self, dim: int) -> Tensor:
+        return self.t.reshape(-1, *[1] * (dim - 1))
+
+    def affine(self, k, node, x):
+        y = node.op.apply(x)
+        if node.bias is not None:
+            y[: x.shape[0] // 3] += node.bias
+        return y
+
+    def add(self, k, node, a, b):
+        if a.shape[0] != b.shape[0]:  # one side still shared by all points
+            a, b = (v.reshape(3, -1, *v.shape[1:]).expand(3, self.b, *v.shape[1:])
+                    .reshape(3 * self.b, *v.shape[1:]) for v in (a, b))
+        return node.forward(a, b)
+
+    def relu(self, k, node: ReLU, x):
+        a, d, u = x.reshape(3, -1, *x.shape[1:]).unbind(0)
+        z = torch.addcmul(a, d, self._tcol(x.dim()))  # (B, *shape): the values at t
+        on, tied = self._relu_on(z, (d, u))
+        self.on[k] = on
+        self.exit = torch.minimum(self.exit, self.rows.relu_line_exit(a, d, on, tied, self.tol))
+        x3 = x.reshape(3, -1, *x.shape[1:])
+        slope = node.negative_slope
+        out = torch.where(on, x3, x3 * slope) if slope else x3 * on
+        return out.reshape(-1, *x.shape[1:])
+
+    def maxpool(self, k, node: MaxPool, x):
+        grid = _pool_grid(node)
+        r = x.shape[0] // 3
+        b = self.b
+        a3 = x.reshape(3, r, -1)
+        z = torch.addcmul(a3[0], a3[1], self._tcol(2)).contiguous()  # (B, n_in)
+        if grid is None:
+            return self._maxpool_line_table(k, node, x, z)
+        base, sizes, strides, offsets = grid
+        n_in = z.shape[1]
+        xflat = x.reshape(-1)
+
+        def view(flat, r0, n, off):
+            st = flat.storage_offset() + base + r0 * n_in + off
+            return flat.as_strided((n, *sizes), (n_in if n > 1 else 0, *strides), st)
+
+        zflat = z.reshape(-1)
+        v = [view(zflat, 0, b, o) for o in offsets]
+        value = v[0].clone() if len(v) == 1 else torch.maximum(v[0], v[1])
+        for e in v[2:]:
+            torch.maximum(value, e, out=value)
+        av = [view(xflat, 0, r, o) for o in offsets]
+        dv = [view(xflat, r, r, o) for o in offsets]
+        uv = [view(xflat, 2 * r, r, o) for o in offsets]
+        sel, tied = self._pool_choose(v, value, [dv, uv])
+        index = node.window.to(sel.device)[
+            torch.arange(sel.shape[1], device=sel.device), sel]  # (B, n_out)
+        out = torch.gather(a3.expand(3, b, -1), 2, index.unsqueeze(0).expand(3, -1, -1))
+        self.select[k] = sel
+        self.index[k] = index
+        a_s, d_s = (o.view(b, *sizes) for o in out[:2])
+        for a_e, d_e, t_e in zip(av, dv, tied):
+            self.exit = torch.minimum(
+                self.exit, self.rows.pool_line_exit(a_e, d_e, a_s, d_s, t_e, self.tol))
+        return out.reshape(3 * b, *node.out_shape)
+
+    def _maxpool_line_table(self, k, node: MaxPool, x, z):
+        """:meth:`maxpool` on a window table that is not a regular grid (padding, wide or
+        irregular windows): the window entries gathered, -inf padding."""
+        b = self.b
+        r = x.shape[0] // 3
+        zi = node.gather(z)  # (B, n_out, K)
+        ent = node.gather(x).reshape(3, r, *zi.shape[1:])  # (3, R, n_out, K)
+        sel, tied = self._pool_choose_dense(zi, zi.amax(dim=2, keepdim=True), (ent[1], ent[2]))
+        window = node.window.to(sel.device)
+        index = window[torch.arange(window.shape[0], device=sel.device), sel]
+        self.select[k] = sel
+        self.index[k] = index
+        a3 = x.reshape(3, r, -1)
+        out = torch.gather(a3.expand(3, b, -1), 2, index.unsqueeze(0).expand(3, -1, -1))
+        self.exit = torch.minimum(self.exit, self.rows.pool_line_exit(
+            ent[0], ent[1], out[0].unsqueeze(2), out[1].unsqueeze(2), tied, self.tol))
+        return out.reshape(3 * b, *node.out_shape)

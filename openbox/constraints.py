@@ -509,3 +509,45 @@ def step_along(
             raise RuntimeError(f"NaN in the step along a line (gate node {k})")
         best = torch.minimum(best, t.amin(dim=1).double().cpu())
     return best
+
+
+def relu_line_exit(a: Tensor, d: Tensor, on: Tensor, tied: Tensor | None,
+                   tol: Tolerances) -> Tensor:
+    """(B,) the t at which the first ReLU row of each region, restricted to the line
+    ``x0 + t d``, reaches the kink (+inf if no row falls).
+
+    A region's ReLU input is ``a + t d`` along the line (``a`` its intercept at t = 0
+    under the region's upstream gates, ``d`` its rate, both (B or 1, *shape)); the row
+    of an on unit is ``a + t d >= 0``, of an off unit ``<= 0``. It falls when its slack
+    shrinks (on and d < 0, off and d > 0) and reaches zero at ``t = -a / d``: a function
+    of the region alone, not of the point the pass was at. A tied input (``tied``, the
+    pass's mask of inputs at the kink) that does not move along d is constant over the
+    line and never a facet; a tied input that moves was oriented by the tie-break so that
+    it rises. ``on`` (B, *shape) is the pass's choice.
+    """
+    falling = torch.where(on, d < 0, d > 0)
+    if tied is not None:
+        falling &= ~(tied & ~tol.relu_moving(d))
+    t = torch.where(falling, -a / d, torch.inf)
+    return t.reshape(t.shape[0], -1).amin(dim=1)
+
+
+def pool_line_exit(a_e: Tensor, d_e: Tensor, a_s: Tensor, d_s: Tensor, tied: Tensor,
+                   tol: Tolerances) -> Tensor:
+    """(B,) the t at which window entry e of each max-pool window first reaches the
+    selected entry s along the line ``x0 + t d``, the first over all windows (+inf if
+    none rises to it).
+
+    The row "entry e <= selected entry s" is ``(a_s - a_e) + t (d_s - d_e) >= 0`` (a, d:
+    intercepts and rates as in :func:`relu_line_exit`; a_e, d_e (B or 1, *out_shape) the
+    entry at one window position, a_s, d_s (B, *out_shape) the selected ones, padding
+    -inf). It falls when e rises faster than s and reaches zero at ``(a_s - a_e) / (d_e -
+    d_s)``. An entry tied with the maximum (``tied``) that is the same function along d
+    (the same-function tolerance both ways) stays tied over the line: never a facet.
+    """
+    gap = d_e - d_s
+    falling = gap > 0
+    # same function both ways; given gap > 0, tol.same_slope(d_e, d_s) holds already
+    flat = tied & tol.same_slope(d_s, d_e)
+    t = torch.where(falling & ~flat, (a_s - a_e) / gap, torch.inf)
+    return t.reshape(t.shape[0], -1).amin(dim=1)

@@ -77,15 +77,26 @@ class Tolerances:
         (a facet, not a constant 0), ``|dz| > same_function``."""
         return abs(dz) > self.same_function
 
+    def pool_floor(self, amax):
+        """Elementwise: the lowest value that ties the window maximum amax,
+        ``amax - tie (1 + |amax|)`` (computed once per window, compared per entry)."""
+        return amax - self.tie * (1 + abs(amax))
+
     def pool_tied(self, a, amax):
         """Elementwise: max-pool entry a ties the window maximum amax,
-        ``amax - a <= tie (1 + |amax|)`` (-inf entries never do)."""
-        return (amax - a) <= self.tie * (1 + abs(amax))
+        ``a >= amax - tie (1 + |amax|)`` (:meth:`pool_floor`; -inf entries never do)."""
+        return a >= self.pool_floor(amax)
+
+    def slope_floor(self, damax):
+        """Elementwise: the lowest derivative that is the same as damax,
+        ``damax - same_function (1 + |damax|)``."""
+        return damax - self.same_function * (1 + abs(damax))
 
     def same_slope(self, da, damax):
         """Elementwise: a tied entry's derivative da equals the largest tied derivative
-        damax, ``damax - da <= same_function (1 + |damax|)``: the same linear function."""
-        return (damax - da) <= self.same_function * (1 + abs(damax))
+        damax, ``da >= damax - same_function (1 + |damax|)`` (:meth:`slope_floor`): the
+        same linear function."""
+        return da >= self.slope_floor(damax)
 
     def slack_threshold(self, d, l1, x_inf: float):
         """Per row of ``a.x <= d``: the slack below which x counts as on the row,

@@ -44,16 +44,42 @@ def _images(shape, seed, n=2, zeros=True):
 @pytest.mark.parametrize("name, build, shape", CASES, ids=[c[0] for c in CASES])
 @pytest.mark.parametrize("seed", [0, 1])
 def test_batched_walk_equals_sequential_walk(name, build, shape, seed):
+    """Walkers side by side give the sequential walk's pieces bit for bit (the same chain
+    of points), for any number of walkers; the walk before the line pass (pointwise:
+    the points' own values, steps from step_along) agrees to 1e-12."""
     ob = openbox.OpenBox(build(seed), shape)
     x = _images(shape, seed)
     seq = segment(ob, x[0], x[1], method="sequential", progress=False)
-    for walkers in (3, 16):
+    for walkers in (2, 3, 16, 64):
         bat = segment(ob, x[0], x[1], walkers=walkers, progress=False)
-        assert [p.region_key for p in bat] == [p.region_key for p in seq]
-        assert [p.prediction for p in bat] == [p.prediction for p in seq]
-        np.testing.assert_allclose([p.t_end for p in bat], [p.t_end for p in seq],
-                                   rtol=0, atol=1e-12)
+        assert [(p.t_start, p.t_end, p.region_key, p.prediction) for p in bat] == \
+            [(p.t_start, p.t_end, p.region_key, p.prediction) for p in seq]
+    old = segment(ob, x[0], x[1], method="pointwise", progress=False)
+    assert [p.region_key for p in old] == [p.region_key for p in seq]
+    np.testing.assert_allclose([p.t_end for p in old], [p.t_end for p in seq],
+                               rtol=0, atol=1e-12)
     assert len(seq) >= 3
+
+
+def test_walkers_join_exactly_at_seams_inside_facet_clusters():
+    """Walkers started inside a cluster of facets far closer than the tie tolerance
+    (a ReLU layer whose units have kinks 1e-15 apart along the line) still give the
+    sequential chain: a walker is joined only on a point of its own chain."""
+    torch.manual_seed(0)
+    n = 40
+    lin = nn.Linear(1, n).double()
+    with torch.no_grad():
+        lin.weight.fill_(1.0)
+        lin.bias.copy_(-(0.5 + 1e-15 * torch.arange(n, dtype=F64)))  # kinks at t ~ 0.5
+    model = nn.Sequential(lin, nn.ReLU(), nn.Linear(n, 3).double())
+    ob = openbox.OpenBox(model, (1,))
+    x0, x1 = torch.zeros(1, dtype=F64), torch.ones(1, dtype=F64)
+    seq = segment(ob, x0, x1, method="sequential", progress=False)
+    for walkers in (2, 5, 16):
+        bat = segment(ob, x0, x1, walkers=walkers, progress=False)
+        assert [(p.t_start, p.t_end, p.region_key) for p in bat] == \
+            [(p.t_start, p.t_end, p.region_key) for p in seq]
+    assert 2 <= len(seq) <= n + 1
 
 
 @pytest.mark.parametrize("name, build, shape", CASES[:3], ids=[c[0] for c in CASES[:3]])

@@ -9,8 +9,9 @@ piecewise-linear network the gradient is constant on every piece of the straight
 
 :func:`integrated_gradients` walks each path with :func:`openbox.regions.segment.walk`
 and composes only the target row of each piece's LLC (one backward row per walker and
-step). :class:`ExactIntegratedGradients` wraps it in Captum's ``IntegratedGradients``
-interface so Captum users can drop it in.
+step), summed over the walk's chain of steps (a walker's first point, which the walker
+before it covers, is not counted). :class:`ExactIntegratedGradients` wraps it in
+Captum's ``IntegratedGradients`` interface so Captum users can drop it in.
 """
 
 from __future__ import annotations
@@ -84,18 +85,17 @@ def integrated_gradients(
     for b in range(x.shape[0]):
         if bool((x[b] == baseline[b]).all()):
             continue  # a zero-length path: every attribution is 0
-        acc = torch.zeros((walkers, *ob.input_shape), dtype=ob.dtype, device=ob.device)
         row = torch.zeros((1, 1, ob.num_classes), dtype=ob.dtype, device=ob.device)
         row[0, 0, targets[b]] = 1
 
-        def on_step(idx, config, t, t_next, acc=acc, row=row):
+        def step_value(config, logits, t, t_next, row=row):
             w, _ = compose_backward(ob.program, config, row.expand(config.batch_size, -1, -1))
             dt = (t_next - t).to(ob.dtype).to(ob.device).reshape(-1, *[1] * len(ob.input_shape))
-            acc.index_add_(0, idx.to(ob.device), w[:, 0] * dt)
+            return w[:, 0] * dt
 
-        pieces, _ = walk(ob, baseline[b], x[b], walkers=walkers, progress=progress,
-                         on_step=on_step)
-        out[b] = acc.sum(0) * (x[b] - baseline[b])
+        pieces, _, total = walk(ob, baseline[b], x[b], walkers=walkers, progress=progress,
+                                accumulate=step_value)
+        out[b] = total * (x[b] - baseline[b])
         counts[b] = len(pieces)
     return (out, counts) if return_pieces else out
 

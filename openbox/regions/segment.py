@@ -4,16 +4,18 @@
 pieces on which the network is one affine map, with the breakpoints where the
 line crosses a facet.
 
-The walk: at a point x(t) = x0 + t (x1 - x0) one configuration pass gives the region
-the line enters (tie-break along the segment, then along the OpenBox's u), every gate
-row restricted to the line (:func:`openbox.constraints.step_along`) and so the next
-breakpoint, where the first row of that region reaches zero. The pieces are
-independent once their starting points are known, so the default walk
-(``method="batched"``) splits [0, 1] into ``walkers`` equal sub-segments walked side by
-side, one batched pass per step, and joins them at the seams; ``method="sequential"``
-walks one point at a time. Both give the same pieces: a seam is walked from exactly the
-configuration the sequential walk has there, and pieces that meet at a seam with equal
-keys are merged.
+The walk is a chain of points. At a point t one pass of :func:`configure_line` gives the
+region the line enters there (tie-break along the segment, then along the OpenBox's u)
+and the region's exit along the line, where its first falling gate row reaches zero
+(:func:`openbox.constraints.relu_line_exit`, :func:`~openbox.constraints.pool_line_exit`);
+the exit is the next point. The exit is computed from the region's own affine gate
+inputs, not from the point, so the chain from any point of a region continues the same:
+the default walk (``method="batched"``) starts ``walkers`` points spread over [0, 1],
+configures them side by side in one pass per step, and joins a walker to the next one
+where it lands exactly on a point of that walker's chain. The result is the sequential
+walk's chain (``method="sequential"``), bit for bit. ``method="pointwise"`` is the walk
+before the line pass (one full configuration pass of the point itself per step), kept as
+the benchmark's baseline.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from openbox.configuration import Configuration, RegionKey, configure
+from openbox.configuration import Configuration, RegionKey, configure, configure_line
 from openbox.constraints import step_along
 from openbox.linear_maps import compose_backward
 
@@ -35,6 +37,10 @@ one pass over 64 points costs about as much as 5-8 passes over one."""
 
 MIDPOINT_BATCH = 256
 """Piece midpoints evaluated per forward pass for the predicted class."""
+
+METHODS = ("batched", "sequential", "pointwise")
+"""Walks :func:`segment` offers: walkers side by side, one walker, and the walk before
+the line pass (one full configuration pass per point)."""
 
 LLC_BATCH = 16
 """Pieces whose (W, b) are composed per backward call with ``with_llc=True``."""
@@ -74,6 +80,40 @@ def _ends(ob, x0: Tensor, x1: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     return x0, x1, direction
 
 
+SYNC_STEPS = 16
+"""A walker is joined by the walker before it only at one of its first SYNC_STEPS points
+(see :func:`walk`); past them it is paused when that walker overtakes it."""
+
+REFILL_PIECES = 8
+"""A new walker is started in a stretch of the segment only when the walker before it
+expects at least this many pieces there (at its mean piece length so far)."""
+
+
+class _Walker:
+    """One walker of :func:`walk`: the chain of points it configured from ``start``."""
+
+    __slots__ = ("start", "t", "ts", "keys", "confs", "acc", "early", "link", "done",
+                 "entered", "slot")
+
+    def __init__(self, start: float, slot: int):
+        self.start = start
+        self.t = start
+        self.ts: list[float] = []  # the points configured, in order
+        self.keys: list[RegionKey] = []  # their regions
+        self.confs: list[Configuration] = []
+        self.early: list[Tensor] = []  # accumulated values of the first SYNC_STEPS points
+        self.link: tuple[_Walker, int] | None = None  # joined that walker at that point
+        self.done = False  # reached t = 1, joined another walker, or paused
+        self.entered = False  # another walker joined this one
+        self.slot = slot  # row of the accumulator
+
+
+Accumulate = Callable[[Configuration, Tensor, Tensor, Tensor], Tensor]
+"""``accumulate(configuration (K inputs), logits (K, C), t (K,), t_next (K,)) -> (K, *S)``:
+a value per step (e.g. ``(t_next - t) * W[c]`` for exact IG); :func:`walk` returns its sum
+over the steps of the final chain."""
+
+
 def walk(
     ob,
     x0: Tensor,
@@ -82,69 +122,214 @@ def walk(
     walkers: int = DEFAULT_WALKERS,
     max_pieces: int = 100_000,
     progress: bool | None = None,
-    on_step: StepHook | None = None,
+    accumulate: Accumulate | None = None,
     keep_configurations: bool = False,
-) -> tuple[list[Piece], list[Configuration] | None]:
-    """The walk behind :func:`segment`: ``walkers`` sub-segments side by side (1 = the
-    sequential walk). Returns the pieces and, with ``keep_configurations``, the
-    configuration of each piece (one input each)."""
+) -> tuple[list[Piece], list[Configuration] | None, Tensor | None]:
+    """The walk behind :func:`segment`, with ``walkers`` points configured side by side
+    (1 = the sequential walk).
+
+    The walk is a chain of points: from t, one pass (:func:`configure_line`) gives the
+    region at t and its exit along the line; the next point is that exit (or t nudged by
+    16 ulps when rounding puts the exit at or before t), capped at 1. The exit depends on
+    the region only, so the chain from any point of a region is the same from its exit on:
+    **the chain is a function of the point alone**. Walker 0 starts at 0 (it is the
+    sequential walk); the others start inside [0, 1] and each walker runs until it
+    reaches 1 or lands exactly (bit for bit) on a point one of the later walkers
+    configured among its first :data:`SYNC_STEPS` points, where it joins that walker's
+    chain. Following the joins from walker 0 gives exactly the sequential chain; a
+    walker's first point (its arbitrary start) is never part of it. A walker overtaken
+    without a join is paused (and resumed if someone joins it later). When fewer than
+    ``walkers`` remain, new ones start in the middle of the longest stretches still ahead
+    of a walker.
+
+    Returns the pieces, with ``keep_configurations`` the configuration of each piece (one
+    input each), and with ``accumulate`` its sum over the chain's steps.
+    """
     x0, x1, direction = _ends(ob, x0, x1)
     if walkers < 1:
         raise ValueError(f"walkers must be >= 1, got {walkers}")
-    directions = torch.stack([direction, ob.direction])
-    bounds = torch.linspace(0.0, 1.0, walkers + 1, dtype=torch.float64)
-    bounds[-1] = 1.0
-    t = bounds[:-1].clone()
-    end = bounds[1:].clone()
-    runs: list[list[Piece]] = [[] for _ in range(walkers)]
-    confs: list[list[Configuration]] = [[] for _ in range(walkers)]
-    active = torch.arange(walkers)
-    eps = torch.finfo(x0.dtype).eps
-    total = 0
+    eps = float(torch.finfo(x0.dtype).eps)
+    order: list[_Walker] = [_Walker(i / walkers, i) for i in range(walkers)]
+    slots = walkers
+    marks: dict[float, tuple[_Walker, int]] = {}  # a point -> (walker, index) among the first
+    acc = None
+    steps = 0
     bar = tqdm(total=1.0, desc="segment", unit="t", leave=False,
                disable=not (True if progress is None else progress),
                bar_format="{l_bar}{bar}| {n:.3f} of t [{elapsed}, {postfix}]")
     with bar, torch.no_grad():
-        while active.numel():
-            ta = t[active]
-            x = x0 + ta.to(x0.dtype).reshape(-1, *[1] * direction.dim()) * (x1 - x0)
-            _, config, gates, _ = configure(
-                ob.program, x, directions, ob.tol, record=True, context=ob.key_context
-            )
-            dt = step_along(ob.program, config, gates, ob.tol)
-            t_next = torch.minimum(end[active], ta + dt)
-            stuck = t_next <= ta  # rounding left us just short of the facet: nudge past it
-            if bool(stuck.any()):
-                nudge = ta + ta.abs().clamp_min(1.0) * eps * 16
-                t_next = torch.where(stuck, torch.minimum(end[active], nudge), t_next)
-            keys = config.region_keys()
-            if on_step is not None:
-                on_step(active, config, ta, t_next)
-            for j, w in enumerate(active.tolist()):
-                run = runs[w]
-                if run and run[-1].region_key == keys[j]:
-                    run[-1] = run[-1]._replace(t_end=float(t_next[j]))
-                else:
-                    run.append(Piece(float(ta[j]), float(t_next[j]), keys[j], -1))
-                    total += 1
-                    if keep_configurations:
-                        confs[w].append(config[j])
-            if total > max_pieces:
+        while True:
+            active = [w for w in order if not w.done]
+            if not active:
+                break
+            if len(active) < walkers and len(order) < 64 * walkers:
+                slots = _refill(order, walkers - len(active), slots)
+                active = [w for w in order if not w.done]
+            ts = torch.tensor([w.t for w in active], dtype=torch.float64)
+            lp = configure_line(ob.program, x0, direction, ob.direction, ts, ob.tol,
+                                context=ob.key_context)
+            ex = lp.exit
+            nudge = torch.minimum(ts + ts.abs().clamp_min(1.0) * (16 * eps), torch.ones(()))
+            t_next = torch.where(ex > ts, torch.minimum(ex, torch.ones(())), nudge)
+            keys = lp.configuration.region_keys()
+            if accumulate is not None:
+                val = accumulate(lp.configuration, lp.logits, ts, t_next)
+                if acc is None or acc.shape[0] < slots:
+                    grown = val.new_zeros((max(slots, 2 * (0 if acc is None else acc.shape[0])),
+                                           *val.shape[1:]))
+                    if acc is not None:
+                        grown[: acc.shape[0]] = acc
+                    acc = grown
+                acc.index_add_(0, torch.tensor([w.slot for w in active], device=val.device), val)
+            nxt = t_next.tolist()
+            for j, w in enumerate(active):
+                m = len(w.ts)
+                w.ts.append(w.t)
+                w.keys.append(keys[j])
+                if keep_configurations:
+                    w.confs.append(lp.configuration[j])
+                if accumulate is not None and m <= SYNC_STEPS:
+                    w.early.append(val[j].clone())
+                if 1 <= m <= SYNC_STEPS:
+                    marks.setdefault(w.t, (w, m))
+                w.t = nxt[j]
+            steps += len(active)
+            if steps > max_pieces + len(order) * (SYNC_STEPS + 1):
                 raise RuntimeError(f"segment has more than {max_pieces} pieces; raise max_pieces")
-            bar.update(float((t_next - ta).sum()))
-            bar.set_postfix_str(f"{total} pieces", refresh=False)
-            t[active] = t_next
-            active = active[t_next < end[active]]
+            for w in active:
+                _advance(w, order, marks)
+            bar.n = _covered(order)
+            bar.set_postfix_str(f"{steps} steps, {len(order)} walkers", refresh=False)
+            bar.refresh()
+    chain: list[tuple[_Walker, int]] = []
+    w, m = order[0], 0
+    while True:
+        chain.append((w, m))
+        if w.link is None:
+            break
+        w, m = w.link
+    if chain[-1][0].t != 1.0:
+        raise RuntimeError("segment: the walk's chain does not reach t = 1 (a bug)")
     pieces: list[Piece] = []
     kept: list[Configuration] = []
-    for w in range(walkers):
-        for i, p in enumerate(runs[w]):
-            if pieces and pieces[-1].region_key == p.region_key:  # a seam inside one region
-                pieces[-1] = pieces[-1]._replace(t_end=p.t_end)
+    for w, m in chain:
+        for j in range(m, len(w.ts)):
+            t_end = w.ts[j + 1] if j + 1 < len(w.ts) else w.t
+            if pieces and pieces[-1].region_key == w.keys[j]:
+                pieces[-1] = pieces[-1]._replace(t_end=t_end)
                 continue
-            pieces.append(p)
+            pieces.append(Piece(w.ts[j], t_end, w.keys[j], -1))
             if keep_configurations:
-                kept.append(confs[w][i])
+                kept.append(w.confs[j])
+    if len(pieces) > max_pieces:
+        raise RuntimeError(f"segment has more than {max_pieces} pieces; raise max_pieces")
+    total = None
+    if accumulate is not None:
+        total = torch.zeros_like(acc[0])
+        for w, m in chain:
+            total += acc[w.slot]
+            for v in w.early[:m]:
+                total -= v
+    return (_predict_midpoints(ob, x0, x1, pieces), kept if keep_configurations else None,
+            total)
+
+
+def _advance(w: _Walker, order: list[_Walker], marks) -> None:
+    """After a step of walker w: stop it at t = 1, join it to a later walker whose chain it
+    landed on, and pause the walker after it once it is overtaken without a join."""
+    if w.t >= 1.0:
+        w.done = True
+        return
+    hit = marks.get(w.t)
+    if hit is not None and hit[0] is not w:
+        v, m = hit
+        if v.start > w.start:
+            w.link, w.done = (v, m), True
+            v.entered = True
+            if v.done and v.link is None and v.t < 1.0:
+                v.done = False  # paused earlier: resume it, it is on the chain now
+            return
+        w.done = True  # w landed on the chain of an earlier walker: it only repeats it
+        return
+    i = order.index(w)
+    if i + 1 < len(order):
+        v = order[i + 1]
+        marked = v.ts[1 : SYNC_STEPS + 1]
+        last = v.t if len(marked) < SYNC_STEPS else marked[-1]
+        if not v.entered and w.t > last and (v.done or len(marked) == SYNC_STEPS):
+            v.done = True  # overtaken: w can no longer join it
+
+
+def _refill(order: list[_Walker], n: int, slots: int) -> int:
+    """Start up to n walkers in the middle of the longest stretches (in expected pieces)
+    between an active walker and the start of the walker after it."""
+    gaps = []
+    for i, w in enumerate(order):
+        if w.done:
+            continue
+        end = order[i + 1].start if i + 1 < len(order) else 1.0
+        span = end - w.t
+        mean = (w.t - w.start) / max(len(w.ts) - 1, 1) if len(w.ts) > 1 else span / REFILL_PIECES
+        if span > 0 and mean > 0 and span / mean >= REFILL_PIECES:
+            gaps.append((span / mean, w.t + 0.5 * span))
+    for _, start in sorted(gaps, reverse=True)[:n]:
+        w = _Walker(start, slots)
+        slots += 1
+        order.append(w)
+    order.sort(key=lambda w: w.start)
+    return slots
+
+
+def _covered(order: list[_Walker]) -> float:
+    """Length of [0, 1] the walkers have covered (for the progress bar)."""
+    total = 0.0
+    for i, w in enumerate(order):
+        end = order[i + 1].start if i + 1 < len(order) else 1.0
+        total += max(0.0, min(w.t, end) - w.start)
+    return min(total, 1.0)
+
+
+def _walk_pointwise(ob, x0: Tensor, x1: Tensor, *, max_pieces: int, progress: bool | None,
+                    keep_configurations: bool) -> tuple[list[Piece], list[Configuration] | None]:
+    """The walk before :func:`configure_line` (``method="pointwise"``): one full
+    configuration pass at each point ``x0 + t (x1 - x0)`` (the point's own values), the
+    step to the next breakpoint from :func:`openbox.constraints.step_along`. Kept as the
+    baseline the benchmark measures the walk against, and as an independent check: its
+    pieces are the walk's (the tests compare them) up to rounding inside clusters of
+    facets narrower than the tie tolerance, where a different rounding of the points can
+    decide a sliver differently."""
+    x0, x1, direction = _ends(ob, x0, x1)
+    directions = torch.stack([direction, ob.direction])
+    eps = torch.finfo(x0.dtype).eps
+    t = torch.zeros(1, dtype=torch.float64)
+    pieces: list[Piece] = []
+    kept: list[Configuration] = []
+    bar = tqdm(total=1.0, desc="segment", unit="t", leave=False,
+               disable=not (True if progress is None else progress),
+               bar_format="{l_bar}{bar}| {n:.3f} of t [{elapsed}, {postfix}]")
+    with bar, torch.no_grad():
+        while float(t) < 1.0:
+            x = x0 + t.to(x0.dtype).reshape(-1, *[1] * direction.dim()) * (x1 - x0)
+            _, config, gates, _ = configure(ob.program, x, directions, ob.tol, record=True,
+                                            context=ob.key_context)
+            dt = step_along(ob.program, config, gates, ob.tol)
+            t_next = torch.minimum(torch.ones(1, dtype=torch.float64), t + dt)
+            if bool(t_next <= t):  # rounding left us just short of the facet: nudge past it
+                t_next = torch.minimum(torch.ones(1, dtype=torch.float64),
+                                       t + t.abs().clamp_min(1.0) * eps * 16)
+            key = config.region_keys()[0]
+            if pieces and pieces[-1].region_key == key:
+                pieces[-1] = pieces[-1]._replace(t_end=float(t_next))
+            else:
+                pieces.append(Piece(float(t), float(t_next), key, -1))
+                if keep_configurations:
+                    kept.append(config)
+                if len(pieces) > max_pieces:
+                    raise RuntimeError(
+                        f"segment has more than {max_pieces} pieces; raise max_pieces")
+            bar.update(float(t_next - t))
+            bar.set_postfix_str(f"{len(pieces)} pieces", refresh=False)
+            t = t_next
     return _predict_midpoints(ob, x0, x1, pieces), (kept if keep_configurations else None)
 
 
@@ -189,9 +374,12 @@ def segment(
         max_pieces: stop with RuntimeError beyond this many pieces.
         progress: a tqdm bar over t on stderr (default on; the walk of two test images
             of a CNN crosses thousands of regions).
-        method: "batched" (``walkers`` sub-segments side by side; see the module
-            docstring) or "sequential" (one point at a time). Same pieces either way.
-        walkers: sub-segments of the batched walk.
+        method: "batched" (``walkers`` points side by side; see the module
+            docstring), "sequential" (one point at a time; the same pieces bit for bit)
+            or "pointwise" (the walk before the line pass: one configuration pass of the
+            point itself per step; the benchmark's baseline).
+        walkers: points configured side by side by the batched walk (new ones start
+            where walkers finish, so about that many stay busy).
         with_llc: attach each piece's (W, b), composed in batches after the walk (memory:
             one configuration per piece during the walk, then C x input size per piece).
 
@@ -201,12 +389,17 @@ def segment(
         A piece's key is the configuration of the region the piece's interior lies in
         (as ``ob.explain(x).region_key`` for x inside the piece and off every facet).
     """
-    if method not in ("batched", "sequential"):
-        raise ValueError(f"method must be 'batched' or 'sequential', got {method!r}")
-    pieces, confs = walk(
-        ob, x0, x1, walkers=walkers if method == "batched" else 1, max_pieces=max_pieces,
-        progress=progress, keep_configurations=with_llc,
-    )
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {', '.join(map(repr, METHODS))}, got "
+                         f"{method!r}")
+    if method == "pointwise":
+        pieces, confs = _walk_pointwise(ob, x0, x1, max_pieces=max_pieces, progress=progress,
+                                        keep_configurations=with_llc)
+    else:
+        pieces, confs, _ = walk(
+            ob, x0, x1, walkers=walkers if method == "batched" else 1, max_pieces=max_pieces,
+            progress=progress, keep_configurations=with_llc,
+        )
     if not with_llc:
         return pieces
     eye = torch.eye(ob.num_classes, dtype=ob.dtype, device=ob.device)
