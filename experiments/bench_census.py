@@ -5,11 +5,17 @@ For each data set: images/s of the model's own forward (float64, the OpenBox's r
 copy, and float32, the model as loaded), of the bare configuration pass
 (``ob.configure`` per batch, the census's floor) and of :func:`openbox.regions.census`
 (with its nearest-neighbour statistics on up to 2,000 inputs, and without), the best
-and the median of the repeats; the ratio census / forward of the best (target >= 0.3),
-the census's own overhead over the bare pass, the number of regions, and the peak RSS
-growth during the census.
+and the median of the repeats, by the wall clock and by the process's CPU time (which
+other processes on a shared machine disturb less); the ratio census / forward of the
+best (target >= 0.3), the census's own overhead over the bare pass, the number of
+regions, and the peak RSS growth during the census. Every figure of a table is at the
+same batch size (``--batch``).
 
-    python experiments/bench_census.py [--data DIR] [--train] [--repeats 3]
+First, on the packaged sample, a scan of batch sizes (``--batches``): forward float64,
+configure pass and census (no neighbours) at each, then the census at its best batch size
+against the forward at *its own* best batch size, as well as at the same one.
+
+    python experiments/bench_census.py [--data DIR] [--train] [--repeats 3] [--batch 64]
 
 Data: the 1,000 packaged sample images always; the 10,000 test images when ``--data``
 or ``$OPENBOX_DATA_DIR`` names a Fashion-MNIST folder; with ``--train`` also the 60,000
@@ -29,7 +35,7 @@ import torch
 import openbox
 from openbox.fmnist import DATA_DIR_ENV, INPUT_SHAPE, load_demo_model, load_fashion_mnist
 from openbox.fmnist.data import load_sample
-from openbox.regions.census import DIGEST_BYTES, census
+from openbox.regions.census import CENSUS_BATCH, DIGEST_BYTES, census
 
 
 def _status_kb(field: str) -> int | None:
@@ -63,30 +69,82 @@ def rss_kb() -> int:
     return rss if rss is not None else peak_kb()
 
 
-def forward_time(model, x, dtype, batch):
-    t = time.perf_counter()
-    with torch.no_grad():
+class Clock:
+    """Wall-clock and process CPU seconds of a block (``with Clock() as c: ...; c.wall``)."""
+
+    def __enter__(self):
+        self._wall, self._cpu = time.perf_counter(), time.process_time()
+        return self
+
+    def __exit__(self, *exc):
+        self.wall = time.perf_counter() - self._wall
+        self.cpu = time.process_time() - self._cpu
+
+
+def forward_time(model, x, dtype, batch) -> Clock:
+    with torch.no_grad(), Clock() as c:
         for i in range(0, x.shape[0], batch):
             model(x[i : i + batch].to(dtype))
-    return time.perf_counter() - t
+    return c
 
 
-def configure_time(ob, x, batch):
-    t = time.perf_counter()
-    for i in range(0, x.shape[0], batch):
-        ob.configure(ob.check_input(x[i : i + batch]))
-    return time.perf_counter() - t
+def configure_time(ob, x, batch) -> Clock:
+    with Clock() as c:
+        for i in range(0, x.shape[0], batch):
+            ob.configure(ob.check_input(x[i : i + batch]))
+    return c
 
 
 def census_run(ob, x, y, batch, neighbours_n=2000):
-    """(seconds, census, peak RSS growth in MB or None)."""
+    """(Clock, census, peak RSS growth in MB or None)."""
     exact = reset_peak()
     base = rss_kb() if exact else peak_kb()
-    t = time.perf_counter()
-    c = census(ob, x, y, batch_size=batch, progress=False, neighbours_n=neighbours_n)
-    elapsed = time.perf_counter() - t
+    with Clock() as t:
+        c = census(ob, x, y, batch_size=batch, progress=False, neighbours_n=neighbours_n)
     growth = (peak_kb() - base) / 1024
-    return elapsed, c, growth if exact or growth > 0 else None
+    return t, c, growth if exact or growth > 0 else None
+
+
+def rates(n, clocks, what):
+    """(best, median) images/s of the repeats by ``what`` ("wall" or "cpu")."""
+    ts = [getattr(c, what) for c in clocks]
+    return n / min(ts), n / statistics.median(ts)
+
+
+def scan_batches(model, ob, x, y, sizes, repeats):
+    """Forward float64, configure pass and census (no neighbours) at each batch size,
+    interleaved; prints the table and returns {size: (forward, configure, census)} best
+    images/s by the wall clock and by CPU time."""
+    n = x.shape[0]
+    print(f"\n== batch sizes, packaged sample ({n:,} images, census without neighbours; "
+          f"best of {repeats})")
+    for b in sizes:  # warm-up
+        forward_time(ob.reference, x[:b], ob.dtype, b)
+        configure_time(ob, x[:b], b)
+    runs = {b: ([], [], []) for b in sizes}
+    for _ in range(repeats):
+        for b in sizes:
+            f, c, s = runs[b]
+            f.append(forward_time(ob.reference, x, ob.dtype, b))
+            c.append(configure_time(ob, x, b))
+            s.append(census_run(ob, x, y, b, neighbours_n=0)[0])
+    best = {}
+    print("  batch | wall: forward64 configure census  census/fwd | cpu: forward64 configure "
+          "census  census/fwd")
+    for b in sizes:
+        w = [rates(n, r, "wall")[0] for r in runs[b]]
+        c = [rates(n, r, "cpu")[0] for r in runs[b]]
+        best[b] = (w, c)
+        print(f"  {b:5d} | {w[0]:15.0f} {w[1]:9.0f} {w[2]:6.0f} {w[2] / w[0]:11.3f} | "
+              f"{c[0]:14.0f} {c[1]:9.0f} {c[2]:6.0f} {c[2] / c[0]:11.3f}")
+    for what, k in (("wall", 0), ("cpu", 1)):
+        fb = max(sizes, key=lambda b: best[b][k][0])
+        cb = max(sizes, key=lambda b: best[b][k][2])
+        print(f"  {what}: census best at batch {cb} ({best[cb][k][2]:.0f}/s), forward float64 "
+              f"best at batch {fb} ({best[fb][k][0]:.0f}/s): census(best) / forward(best) "
+              f"{best[cb][k][2] / best[fb][k][0]:.3f}; at the same batch {cb}: "
+              f"{best[cb][k][2] / best[cb][k][0]:.3f}")
+    return best
 
 
 def bench(name, model, ob, x, y, repeats, batch):
@@ -106,17 +164,20 @@ def bench(name, model, ob, x, y, repeats, batch):
         tc0.append(census_run(ob, x, y, batch, neighbours_n=0)[0])
         if r == 0:
             c, growth = c_r, g
-    f64, f32, fcfg, fc, fc0 = (n / min(t) for t in (t64, t32, tcfg, tc, tc0))
-    m64, m32_, mcfg, mc, mc0 = (n / statistics.median(t) for t in (t64, t32, tcfg, tc, tc0))
-    print("  images/s                          best   median")
-    print(f"  forward float64 (reference copy) {f64:9.0f} {m64:8.0f}")
-    print(f"  forward float32 (model)          {f32:9.0f} {m32_:8.0f}")
-    print(f"  configure pass (float64)         {fcfg:9.0f} {mcfg:8.0f}")
-    print(f"  census (float64)                 {fc:9.0f} {mc:8.0f}")
-    print(f"  census without neighbours        {fc0:9.0f} {mc0:8.0f}")
-    print(f"  ratio census / forward float64: {fc / f64:.3f} (target >= 0.3); census / "
-          f"forward float32: {fc / f32:.3f}; census / configure pass: {fc / fcfg:.3f} (without "
-          f"neighbours {fc0 / fcfg:.3f})")
+    print("  images/s                          wall best median | cpu best median")
+    names = ["forward float64 (reference copy)", "forward float32 (model)         ",
+             "configure pass (float64)        ", "census (float64)                ",
+             "census without neighbours       "]
+    figures = {}
+    for name, clocks in zip(names, (t64, t32, tcfg, tc, tc0)):
+        w, cpu = rates(n, clocks, "wall"), rates(n, clocks, "cpu")
+        figures[name.strip()] = (w[0], cpu[0])
+        print(f"  {name} {w[0]:9.0f} {w[1]:6.0f} | {cpu[0]:8.0f} {cpu[1]:6.0f}")
+    for what, k in (("wall", 0), ("cpu", 1)):
+        f64, f32, fcfg, fc, fc0 = (v[k] for v in figures.values())
+        print(f"  {what}: census / forward float64: {fc / f64:.3f} (target >= 0.3); census / "
+              f"forward float32: {fc / f32:.3f}; census / configure pass: {fc / fcfg:.3f} "
+              f"(without neighbours {fc0 / fcfg:.3f})")
     stored = c.digests.nbytes + c.layer_digests.nbytes + c.n_tight.nbytes + \
         c.predictions.nbytes + (0 if c.labels is None else c.labels.nbytes)
     print(f"  {c.summary()}")
@@ -135,24 +196,32 @@ def main(argv=None):
     p.add_argument("--train", action="store_true", help="also census the 60,000 training "
                    "images (one run)")
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--batch", type=int, default=None, help="batch size of the tables "
+                   "(default: the census's own default, "
+                   f"{CENSUS_BATCH or 'the OpenBox batch_size'})")
+    p.add_argument("--batches", default="16,32,64,128,256", help="batch sizes to scan on "
+                   "the packaged sample (comma-separated; empty: no scan)")
     args = p.parse_args(argv)
 
     model, info = load_demo_model()
     ob = openbox.OpenBox(model, INPUT_SHAPE, dtype=torch.float64)
+    batch = args.batch or CENSUS_BATCH or ob.batch_size
     print(f"demo CNN: {ob}")
     ds = load_sample()
-    bench("packaged sample", model, ob, ds.images, ds.labels, args.repeats, args.batch)
+    sizes = [int(b) for b in args.batches.split(",") if b.strip()]
+    if sizes:
+        scan_batches(model, ob, ds.images, ds.labels, sizes, args.repeats)
+    bench("packaged sample", model, ob, ds.images, ds.labels, args.repeats, batch)
     data_dir = args.data or os.environ.get(DATA_DIR_ENV)
     if data_dir:
         test = load_fashion_mnist("test", data_dir, progress=False)
         bench(f"test split ({data_dir})", model, ob, test.images, test.labels,
-              max(1, args.repeats - 1), args.batch)
+              max(1, args.repeats - 1), batch)
         if args.train:
             train = load_fashion_mnist("train", data_dir, progress=False)
             print(f"\n== train split: {len(train):,} images, one census run")
-            elapsed, c, growth = census_run(ob, train.images, train.labels, args.batch)
-            print(f"  census {len(train) / elapsed:.0f} images/s; {c.summary()}; peak RSS "
+            elapsed, c, growth = census_run(ob, train.images, train.labels, batch)
+            print(f"  census {len(train) / elapsed.wall:.0f} images/s (cpu {len(train) / elapsed.cpu:.0f}); {c.summary()}; peak RSS "
                   f"growth {'n/a' if growth is None else f'{growth:.1f} MB'}")
             print("\n" + c.layer_table())
     else:

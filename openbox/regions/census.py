@@ -69,6 +69,11 @@ from openbox.configuration import selection_dtype
 DIGEST_BYTES = 16
 """Bytes of every digest a census stores (BLAKE2b, as :attr:`RegionKey.digest16`)."""
 
+CENSUS_BATCH: int | None = None
+"""Default inputs per configuration pass of a census; None: the OpenBox's ``batch_size``
+(64 by default, which the scan of ``experiments/bench_census.py`` finds as fast as any:
+16 to 128 are within the machine's noise on the demo CNN, 256 is slower)."""
+
 NEIGHBOURS_N = 2000
 """Default cap on the inputs sampled for nearest-neighbour statistics."""
 
@@ -609,7 +614,7 @@ def census(
         holding no inputs.
     """
     if batch_size is None:
-        batch_size = ob.batch_size
+        batch_size = CENSUS_BATCH or ob.batch_size
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
     if not isinstance(neighbours_n, int) or neighbours_n < 0:
