@@ -385,6 +385,7 @@ def _polygon(ob, G, h, rows, dist, start: np.ndarray, p: np.ndarray):
     rows' labels, dist (m,) each row's line's L-infinity distance from p."""
     verts, labels = start.copy(), np.full(len(start), BOUNDARY)
     gn = np.abs(G).sum(axis=1)
+    reach = (h - G @ p) / np.maximum(np.linalg.norm(G, axis=1), 1e-300)  # Euclidean distance
     near = np.arange(len(h))
     while len(verts) >= 3:
         # a row can only cut the polygon if its line passes within the polygon's size of
@@ -397,10 +398,13 @@ def _polygon(ob, G, h, rows, dist, start: np.ndarray, p: np.ndarray):
         # rounding-level threshold: after a clip the new vertices lie on the row's line
         thr = ob.tol.tie * (1.0 + np.abs(h[near]) + gn[near] * float(np.abs(verts).max()))
         worst = (excess - thr[:, None]).max(axis=1)
-        i = int(np.argmax(worst))
-        if worst[i] <= 0:
+        cutting = np.flatnonzero(worst > 0)
+        if cutting.size == 0:
             break
-        r = near[i]
+        # of the rows that cut, the one whose line passes nearest p: the nearest of all
+        # lines is always an edge of the final polygon (the disk around p up to it lies
+        # inside every half-plane), so few clips are wasted on rows a later one removes
+        r = near[cutting[np.argmin(reach[near[cutting]])]]
         verts, labels = _clip(verts, labels, G[r], h[r], int(rows[r]))
     return verts, labels
 
