@@ -307,3 +307,55 @@ def test_batch_size_and_neighbour_guesses_do_not_change_the_map():
     # window's selection (the walk then crosses once more; the maps above agree)
     assert total > 100 and right >= 0.6 * total, (right, total)
     assert pool_rows > 0
+
+
+def _polygon_reference(tie, G, h, rows, p, start):
+    """One polygon, one clip at a time (the reference for the lockstep _polygons): clip by
+    the cutting row nearest p until no row cuts by more than rounding."""
+    from openbox.regions.plane import _clip
+
+    verts, labels = start.copy(), np.full(len(start), -1)
+    gn = np.abs(G).sum(axis=1)
+    reach = (h - G @ p) / np.linalg.norm(G, axis=1)
+    while len(verts) >= 3:
+        excess = G @ verts.T - h[:, None]
+        thr = tie * (1.0 + np.abs(h) + gn * np.abs(verts).max())
+        cutting = np.flatnonzero((excess - thr[:, None]).max(axis=1) > 0)
+        if cutting.size == 0:
+            break
+        r = cutting[np.argmin(reach[cutting])]
+        verts, labels = _clip(verts, labels, G[r], h[r], int(rows[r]))
+    return verts, labels
+
+
+def test_lockstep_polygons_match_one_polygon_at_a_time():
+    """_polygons clips many polygons at once (each with its own rows, padded): the same
+    polygons and edge labels as clipping each alone, and each polygon is the part of the
+    extent where all its rows hold (checked on random points)."""
+    from openbox.regions.plane import _polygons
+
+    ob = openbox.OpenBox(random_mlp(8, (3, 6, 2)), (3,))
+    g = np.random.default_rng(1)
+    start = np.array([[-1.0, -1], [1, -1], [1, 1], [-1, 1]])
+    items = []
+    for i in range(25):
+        m = int(g.integers(1, 40))
+        p = g.uniform(-0.5, 0.5, 2)
+        G = g.normal(size=(m, 2))
+        h = G @ p + g.exponential(0.4, m) * np.linalg.norm(G, axis=1)
+        if i % 5 == 0:
+            h[0] = G[0] @ p  # p on the line of a row (a crossing point)
+        dist = (h - G @ p) / np.abs(G).sum(axis=1)
+        items.append((G, h, np.arange(m) + 100 * i, dist, p))
+    got = _polygons(ob, items, start)
+    q = g.uniform(-1, 1, (2000, 2))
+    for (G, h, rows, _, p), (verts, labels) in zip(items, got):
+        want_v, want_l = _polygon_reference(ob.tol.tie, G, h, rows, p, start)
+        assert len(verts) == len(want_v) >= 3
+        np.testing.assert_allclose(verts, want_v, rtol=0, atol=1e-13)
+        np.testing.assert_array_equal(labels, want_l)
+        inside = openbox.regions.Polygon(verts, None, 0, np.zeros((1, 2)), np.zeros(1),
+                                         labels).contains(q, tol=-1e-9)
+        assert np.all(G @ q[inside].T <= h[:, None] + 1e-12)
+        holds = np.all(G @ q.T <= h[:, None] - 1e-9, axis=0)
+        assert np.all(inside[holds])

@@ -379,34 +379,114 @@ def _half_planes(ob, config, gates, pts: np.ndarray, ns: np.ndarray, es: np.ndar
     return out, layout
 
 
-def _polygon(ob, G, h, rows, dist, start: np.ndarray, p: np.ndarray):
-    """The extent polygon ``start`` clipped by ``G q <= h`` (only rows that cut it), from a
-    point p inside: (vertices (K, 2), edge labels (K,)). G (m, 2), h (m,), rows (m,) the
-    rows' labels, dist (m,) each row's line's L-infinity distance from p."""
-    verts, labels = start.copy(), np.full(len(start), BOUNDARY)
-    gn = np.abs(G).sum(axis=1)
-    reach = (h - G @ p) / np.maximum(np.linalg.norm(G, axis=1), 1e-300)  # Euclidean distance
-    near = np.arange(len(h))
-    while len(verts) >= 3:
-        # a row can only cut the polygon if its line passes within the polygon's size of
-        # p; the polygon only shrinks, so the rows near it do too
-        size = float(np.abs(verts - p).sum(axis=1).max())
-        near = near[dist[near] <= size]
-        if near.size == 0:
+def _polygons(ob, items, start: np.ndarray):
+    """The extent polygon ``start`` clipped by each item's rows, all items in lockstep:
+    [(vertices (K, 2), edge labels (K,))]. items: [(G (m, 2), h (m,), rows (m,), dist (m,),
+    p (2,))], ``G q <= h`` the half-planes, rows their labels, dist their lines' L-infinity
+    distance from p, p a point of the region (inside, or on its boundary).
+
+    Each step clips every unfinished polygon by one row that cuts it by more than rounding
+    (of those, the one whose line passes nearest p: the nearest of all lines is always an
+    edge of the final polygon, as the disk around p up to it lies inside every
+    half-plane); a polygon is done when no row within its size of p cuts it."""
+    f = len(items)
+    r = max([1] + [len(it[1]) for it in items])
+    G, h = np.zeros((f, r, 2)), np.zeros((f, r))
+    rows = np.full((f, r), BOUNDARY, dtype=np.int64)
+    dist = np.full((f, r), np.inf)
+    p = np.array([it[4] for it in items]).reshape(f, 2)
+    for i, (g_i, h_i, rows_i, dist_i, _) in enumerate(items):
+        m = len(h_i)
+        G[i, :m], h[i, :m], rows[i, :m], dist[i, :m] = g_i, h_i, rows_i, dist_i
+    gn = np.abs(G).sum(axis=2)
+    with np.errstate(invalid="ignore"):
+        reach = (h - (G[:, :, 0] * p[:, None, 0] + G[:, :, 1] * p[:, None, 1])) \
+            / np.maximum(np.linalg.norm(G, axis=2), 1e-300)  # Euclidean distance from p
+    reach[~np.isfinite(dist)] = np.inf
+    k0 = len(start)
+    verts = np.repeat(start[None], f, axis=0)
+    labels = np.full((f, k0), BOUNDARY, dtype=np.int64)
+    count = np.full(f, k0)
+    active = np.ones(f, dtype=bool)
+    while True:
+        a = np.flatnonzero(active & (count >= 3))
+        if a.size == 0:
             break
-        excess = G[near] @ verts.T - h[near, None]  # (r, V)
+        v, cnt = verts[a], count[a]
+        valid = np.arange(v.shape[1])[None] < cnt[:, None]  # (A, K)
+        # a row can only cut the polygon if its line passes within the polygon's size of p
+        size = np.where(valid, np.abs(v - p[a, None]).sum(axis=2), -np.inf).max(axis=1)
+        near = dist[a] <= size[:, None]  # (A, R)
+        excess = np.matmul(G[a], v.transpose(0, 2, 1)) - h[a, :, None]  # (A, R, K)
+        excess = np.where(valid[:, None, :], excess, -np.inf)
         # rounding-level threshold: after a clip the new vertices lie on the row's line
-        thr = ob.tol.tie * (1.0 + np.abs(h[near]) + gn[near] * float(np.abs(verts).max()))
-        worst = (excess - thr[:, None]).max(axis=1)
-        cutting = np.flatnonzero(worst > 0)
-        if cutting.size == 0:
+        big = np.where(valid[:, :, None], np.abs(v), 0.0).max(axis=(1, 2))
+        thr = ob.tol.tie * (1.0 + np.abs(h[a]) + gn[a] * big[:, None])
+        cutting = near & (excess.max(axis=2) - thr > 0)
+        go = cutting.any(axis=1)
+        active[a[~go]] = False
+        if not go.any():
             break
-        # of the rows that cut, the one whose line passes nearest p: the nearest of all
-        # lines is always an edge of the final polygon (the disk around p up to it lies
-        # inside every half-plane), so few clips are wasted on rows a later one removes
-        r = near[cutting[np.argmin(reach[near[cutting]])]]
-        verts, labels = _clip(verts, labels, G[r], h[r], int(rows[r]))
-    return verts, labels
+        b = a[go]
+        pick = np.argmin(np.where(cutting[go], reach[b], np.inf), axis=1)
+        nv, nl, nc = _clip_many(verts[b], labels[b], count[b], G[b, pick], h[b, pick],
+                                rows[b, pick])
+        width = max(verts.shape[1], nv.shape[1])
+        if width > verts.shape[1]:
+            verts = np.concatenate([verts, np.zeros((f, width - verts.shape[1], 2))], axis=1)
+            labels = np.concatenate([labels, np.full((f, width - labels.shape[1]), BOUNDARY)],
+                                    axis=1)
+        verts[b, :nv.shape[1]], labels[b, :nv.shape[1]], count[b] = nv, nl, nc
+    return [(verts[i, :count[i]].copy(), labels[i, :count[i]].copy()) for i in range(f)]
+
+
+def _clip_many(verts: np.ndarray, labels: np.ndarray, count: np.ndarray, g: np.ndarray,
+               h: np.ndarray, label: np.ndarray):
+    """:func:`_clip` for B polygons at once: verts (B, K, 2) and labels (B, K) padded past
+    count (B,), each intersected with ``g[i] . q <= h[i]`` (the new edge labelled
+    label[i]); returns (verts (B, K', 2), labels (B, K'), count (B,)). Every row must cut
+    its polygon (some vertex outside)."""
+    bsz, k = labels.shape
+    idx = np.arange(k)[None]
+    valid = idx < count[:, None]
+    s = verts[:, :, 0] * g[:, None, 0] + verts[:, :, 1] * g[:, None, 1] - h[:, None]
+    inside = (s <= 0) & valid
+    nxt = (idx + 1) % np.maximum(count, 1)[:, None]
+    s_n = np.take_along_axis(s, nxt, axis=1)
+    inside_n = np.take_along_axis(inside, nxt, axis=1)
+    v_n = np.take_along_axis(verts, nxt[:, :, None], axis=1)
+    cut = (inside != inside_n) & valid
+    with np.errstate(divide="ignore", invalid="ignore"):
+        t = np.where(cut, s / (s - s_n), 0.0)
+    points = verts + t[:, :, None] * (v_n - verts)
+    # vertex i keeps slot 2 i if inside; a crossing edge i -> i + 1 adds its crossing point
+    # in slot 2 i + 1, starting the rest of edge i (entering) or the new edge (leaving)
+    slot = np.stack([inside, cut], axis=2).reshape(bsz, 2 * k)
+    vals = np.stack([verts, points], axis=2).reshape(bsz, 2 * k, 2)
+    labs = np.stack([labels, np.where(inside_n, labels, label[:, None])], axis=2) \
+        .reshape(bsz, 2 * k)
+    v, lab, cnt = _compact(vals, labs, slot)
+    # a vertex (within rounding) equal to the next one starts an edge of rounding length,
+    # whose direction is noise: drop it, so the edge that follows keeps its own label
+    valid = np.arange(v.shape[1])[None] < cnt[:, None]
+    big = np.where(valid[:, :, None], np.abs(v), 0.0).max(axis=(1, 2))
+    span = (np.where(valid[:, :, None], v, -np.inf).max(axis=1)
+            - np.where(valid[:, :, None], v, np.inf).min(axis=1)).max(axis=1)
+    nxt = (np.arange(v.shape[1])[None] + 1) % np.maximum(cnt, 1)[:, None]
+    gap = np.linalg.norm(v - np.take_along_axis(v, nxt[:, :, None], axis=1), axis=2)
+    keep = valid & (gap > VERTEX_MERGE * (big + span)[:, None])
+    return _compact(v, lab, keep)
+
+
+def _compact(v: np.ndarray, lab: np.ndarray, keep: np.ndarray):
+    """The kept entries of each row, in order, moved to its front: (v (B, K', 2),
+    lab (B, K'), count (B,)), K' the most kept in a row."""
+    order = np.argsort(~keep, axis=1, kind="stable")
+    cnt = keep.sum(axis=1)
+    width = max(int(cnt.max(initial=0)), 1)
+    order = order[:, :width]
+    return (np.take_along_axis(v, order[:, :, None], axis=1),
+            np.take_along_axis(lab, order, axis=1), cnt)
 
 
 def _inside(verts: np.ndarray, q: np.ndarray) -> bool:
@@ -749,9 +829,10 @@ class _Walk:
             hashes = self.states.hashes(config[sub], layout)
             w_all, b_all = _plane_llc(self.ob, config[sub], logits[sub], self.u, self.v,
                                       pts[part])
+            clipped = _polygons(self.ob, [(*rows_of[f], pts[j]) for f, j in enumerate(part)],
+                                self.start)
             for f, j in enumerate(part):
-                G, h, rows, dist = rows_of[f]
-                verts, labels = _polygon(self.ob, G, h, rows, dist, self.start, pts[j])
+                verts, labels = clipped[f]
                 if len(verts) < 3:
                     raise RuntimeError(
                         f"plane: the region at (a, b) = {tuple(pts[j])} clips to an empty "
