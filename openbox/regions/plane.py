@@ -823,12 +823,15 @@ class _Walk:
         verts_list, guess = [], []
         for c0 in range(0, len(fresh), ROWS_CHUNK):
             part = fresh[c0:c0 + ROWS_CHUNK]
-            sub = torch.as_tensor(part, dtype=torch.int64)
-            rows_of, layout = _half_planes(self.ob, config[sub], gates[sub], pts[part],
-                                           ns[part], es[part], self.start)
-            hashes = self.states.hashes(config[sub], layout)
-            w_all, b_all = _plane_llc(self.ob, config[sub], logits[sub], self.u, self.v,
-                                      pts[part])
+            if part == list(range(config.batch_size)):  # every point found a new region
+                c_sub, g_sub, l_sub = config, gates, logits
+            else:
+                sub = torch.as_tensor(part, dtype=torch.int64)
+                c_sub, g_sub, l_sub = config[sub], gates[sub], logits[sub]
+            rows_of, layout = _half_planes(self.ob, c_sub, g_sub, pts[part], ns[part],
+                                           es[part], self.start)
+            hashes = self.states.hashes(c_sub, layout)
+            w_all, b_all = _plane_llc(self.ob, c_sub, l_sub, self.u, self.v, pts[part])
             clipped = _polygons(self.ob, [(*rows_of[f], pts[j]) for f, j in enumerate(part)],
                                 self.start)
             for f, j in enumerate(part):
