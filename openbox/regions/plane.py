@@ -358,13 +358,17 @@ def _half_planes(ob, config, gates, pts: np.ndarray, ns: np.ndarray, es: np.ndar
     s, r1, r2 = cat(1), cat(2), cat(3)  # (F, M)
     size0 = np.abs(start[None] - pts[:, None]).sum(axis=2).max(axis=1)  # (F,)
     # a superset of the rows that can cut (slack / |w|_1 is their distance up to rounding,
-    # a margin far above it keeps every one); the exact test follows on these few
-    wa = np.abs(r1 * ns[:, None, 0] + r2 * es[:, None, 0]) \
-        + np.abs(r1 * ns[:, None, 1] + r2 * es[:, None, 1])
-    margin = NEAR_SLACK * (size0 + np.abs(pts).sum(axis=1))
-    with np.errstate(divide="ignore", invalid="ignore"):
-        maybe = np.isfinite(s) & ((r1 != 0) | (r2 != 0)) \
-            & (s <= (size0 + margin)[:, None] * wa)
+    # a margin far above it keeps every one); the exact test follows on these few. No
+    # separate test for infinite slack (padding) or w = 0 (a tied flat row has slack 0):
+    # the first fails the comparison, the second the exact test
+    wa = r1 * ns[:, None, 0]
+    wa += r2 * es[:, None, 0]
+    np.abs(wa, out=wa)
+    wb = r1 * ns[:, None, 1]
+    wb += r2 * es[:, None, 1]
+    wa += np.abs(wb, out=wb)
+    wa *= (size0 + NEAR_SLACK * (size0 + np.abs(pts).sum(axis=1)))[:, None]
+    maybe = s <= wa
     out = []
     for i in range(f):
         rows = np.flatnonzero(maybe[i])
