@@ -7,8 +7,15 @@ intersection, no LP. The walk is breadth-first over polygons: every edge that is
 facet is crossed at a point of it not yet covered by a known neighbour, the neighbour's
 configuration taken with a lexicographic tie-break (the edge's outward normal, then the
 edge direction, then the OpenBox's u: the region on the other side), until every facet
-edge is covered by neighbours; then the polygons tile the extent. Frontier points are
-configured in batches (one pass for many regions).
+edge is covered by neighbours; then the polygons tile the extent.
+
+A known polygon that shares a stretch of an edge (along one of its own edges: a touch at
+a vertex is not sharing) covers it without a crossing; every open edge is tested against
+the polygons found after it as well as before. Frontier points are configured in batches
+(one pass, one :func:`~openbox.constraints.rows_in_plane` call and one lockstep clipping
+of all the polygons for many regions); a guess of the region across each edge (its row's
+gate flipped) keeps two crossings aimed at one region out of a batch, so nearly every
+configured point finds a new region. The guess only orders the work.
 
 Coordinates: (a, b) in the plane's own basis (u, v need not be orthogonal or unit);
 vertices are counter-clockwise in (a, b).
@@ -98,7 +105,8 @@ class PlaneMap:
     Attributes:
         polygons: every region's polygon, in discovery order.
         graph: networkx.Graph, node i = polygons[i]; an edge for every pair sharing a
-            boundary segment, with attributes ``segment`` ((2, 2) (a, b) end points) and
+            boundary segment (not a mere vertex), with attributes ``segment`` ((2, 2)
+            (a, b) end points of the shared boundary, the longest stretch found) and
             ``decision_boundary`` (the predicted class differs on the two sides).
         extent: (a_min, a_max, b_min, b_max). domain_polygon: (K, 2) the extent clipped to
             the OpenBox's domain (the extent itself without one).
