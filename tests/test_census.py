@@ -259,6 +259,33 @@ def test_nearest_is_the_direct_one_with_exact_ties_and_many_copies(rows, monkeyp
                                       _nearest_reference(x))
 
 
+def test_the_default_batch_size_and_its_fallback(cnn, cnn_data, monkeypatch):
+    """census.CENSUS_BATCH sets the passes' size (None: ob.batch_size); the census does
+    not depend on it."""
+    import importlib
+
+    module = importlib.import_module("openbox.regions.census")
+    x, y = cnn_data
+    seen, real = [], cnn.configure
+
+    def spy(xb, **kw):
+        seen.append(xb.shape[0])
+        return real(xb, **kw)
+
+    monkeypatch.setattr(cnn, "configure", spy)
+    monkeypatch.setattr(module, "CENSUS_BATCH", 10)
+    a = census(cnn, x, y, progress=False)
+    assert seen == [10] * (x.shape[0] // 10) + [x.shape[0] % 10]
+    seen.clear()
+    monkeypatch.setattr(module, "CENSUS_BATCH", None)
+    b = census(cnn, x, y, progress=False)
+    assert seen == [min(cnn.batch_size, x.shape[0])] * 1
+    for name in ("digests", "layer_digests", "n_tight", "predictions", "labels"):
+        np.testing.assert_array_equal(getattr(a, name), getattr(b, name))
+    for name in ("index", "neighbour", "distance", "hamming", "same_region"):
+        np.testing.assert_array_equal(getattr(a.neighbours, name), getattr(b.neighbours, name))
+
+
 # --------------------------------------------------------------------------- merging
 
 

@@ -69,10 +69,12 @@ from openbox.configuration import selection_dtype
 DIGEST_BYTES = 16
 """Bytes of every digest a census stores (BLAKE2b, as :attr:`RegionKey.digest16`)."""
 
-CENSUS_BATCH: int | None = None
-"""Default inputs per configuration pass of a census; None: the OpenBox's ``batch_size``
-(64 by default, which the scan of ``experiments/bench_census.py`` finds as fast as any:
-16 to 128 are within the machine's noise on the demo CNN, 256 is slower)."""
+CENSUS_BATCH: int | None = 96
+"""Default inputs per configuration pass of a census (None: the OpenBox's ``batch_size``).
+96, against the OpenBox's 64: the scan of ``experiments/bench_census.py`` on the demo CNN
+(2 CPU threads, float64) finds the census fastest at 96 to 128 inputs (one pass holds
+2 B rows, the inputs and their tie-break direction), ~1.1-1.4x its speed at 64, and
+slower again from 192; memory per pass grows with B."""
 
 NEIGHBOURS_N = 2000
 """Default cap on the inputs sampled for nearest-neighbour statistics."""
@@ -600,8 +602,8 @@ def census(
             :meth:`OpenBox.check_input` does, batch by batch (the whole data set is never
             converted at once).
         labels: (N,) integer labels, with a tensor ``data`` only (batches carry their own).
-        batch_size: inputs per configuration pass (default: ``ob.batch_size``); larger
-            batches of an iterable are split.
+        batch_size: inputs per configuration pass (default :data:`CENSUS_BATCH`, or
+            ``ob.batch_size`` when that is None); larger batches of an iterable are split.
         progress: tqdm bar over the batches on stderr (default: when there is more than
             one batch, or their number is unknown).
         neighbours_n: cap on the reservoir sample for nearest-neighbour statistics (0: no
