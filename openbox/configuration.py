@@ -44,7 +44,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from linearize import Interpreter, MaxPool, Program, ReLU
+from linearize import Affine, Interpreter, MaxPool, Program, ReLU
 from openbox.tolerances import Tolerances
 
 TIE_BREAK_SEED = 20180819
@@ -201,6 +201,12 @@ class Configuration:
 
     def region_keys(self) -> tuple[RegionKey, ...]:
         """One canonical key per input (independent of the batch it is computed in)."""
+        return keys_of(self.packed(), self.context)
+
+    def packed(self) -> np.ndarray:
+        """(B, n_bytes) uint8: the packed configuration behind :meth:`region_keys`, node
+        by node in index order (ReLU signs as bits, max-pool selections in a width fixed
+        per node), so the packing of a prefix of the nodes is a prefix of the row."""
         parts = []
         for k in sorted(set(self.on) | set(self.select)):
             if k in self.on:
@@ -210,11 +216,10 @@ class Configuration:
                 sel = self.select[k].cpu().numpy()
                 dt = selection_dtype(self.window_sizes[k])
                 parts.append(sel.astype(dt).view(np.uint8).reshape(self.batch_size, -1))
-        packed = (
+        return (
             np.concatenate(parts, axis=1) if parts
             else np.zeros((self.batch_size, 0), dtype=np.uint8)
         )
-        return tuple(RegionKey(row.tobytes(), self.context) for row in packed)
 
     @staticmethod
     def concat(configs: list[Configuration]) -> Configuration:
@@ -229,6 +234,11 @@ class Configuration:
             first.window_sizes,
             first.context,
         )
+
+
+def keys_of(packed: np.ndarray, context: bytes) -> tuple[RegionKey, ...]:
+    """Region keys of packed configurations (B, n_bytes) (:meth:`Configuration.packed`)."""
+    return tuple(RegionKey(row.tobytes(), context) for row in packed)
 
 
 def batch_index(index, batch_size: int):
@@ -479,10 +489,8 @@ class _ConfigurationRun(Interpreter):
             lead += none.view(torch.uint8)
             none = none & ~s
         lead *= (~none).view(torch.uint8)
-        n = torch.zeros(b, dtype=torch.int64, device=value.device)
-        for t, s in zip(tied, same):
-            n += (t & ~s).view(b, -1).sum(1)
-        self.n_pool += n
+        for t, s in zip(tied, same):  # tied but not the same function (same <= tied)
+            self.n_pool += t.view(b, -1).sum(1) - s.reshape(b, -1).sum(1)
         return lead.view(b, -1).to(torch.int64), tied
 
     def _maxpool_table(self, k, node: MaxPool, x):
@@ -571,6 +579,55 @@ class LinePass(NamedTuple):
     logits: Tensor
     rates: Tensor
     exit: Tensor
+    tail: LineTail | None = None
+
+
+class LineTail(NamedTuple):
+    """The part of a :class:`LinePass` a walk needs to go on in the program's tail
+    (:func:`line_split`) without a new pass while the gates before it stay the same.
+
+    Attributes:
+        split: the tail starts after node ``split``.
+        value: (3, R, ...) the three streams out of node ``split`` (R = 1 when they do
+            not depend on the point, else B).
+        head_exit: (B,) float64 CPU, the exit of the gates up to ``split`` alone; the
+            pass's ``exit`` is the smaller of it and ``tail_exit``.
+        head_guard: (B,) float64 CPU, <= head_exit: below it no head gate input comes
+            near a tie (:data:`openbox.constraints.GUARD_TIES`), so a pass there would
+            choose the same head gates (what makes :func:`configure_line_tail` give
+            that pass's result).
+        tail_exit: (B,) float64 CPU, the exit of the tail's gates.
+        head_tight: ((B,) ReLU, (B,) max-pool) tied-input counts of the head's gates.
+    """
+
+    split: int
+    value: Tensor
+    head_exit: Tensor
+    head_guard: Tensor
+    tail_exit: Tensor
+    head_tight: tuple[Tensor, Tensor]
+
+
+def line_split(program: Program) -> int | None:
+    """Where a line walk's tail starts: the last affine node before the program's last
+    gate, when every node after it reads only the node before it (gates and affine maps
+    in a chain up to the output). Inside a region of the gates up to that node, the
+    values out of it are one affine function of t, so the walk can cross the tail's
+    facets (:func:`configure_line_tail`) without running the nodes before. None when the
+    program has no such tail (no gate after an affine node, or branches in it)."""
+    gates = list(program.gates)
+    if not gates:
+        return None
+    affine = [k for k in range(max(gates)) if isinstance(program.nodes[k], Affine)]
+    if not affine:
+        return None
+    m = affine[-1]
+    if program.output != len(program.nodes):
+        return None
+    for k in range(m + 1, len(program.nodes)):
+        if tuple(program.nodes[k].inputs) != (k,):
+            return None
+    return m
 
 
 def configure_line(
@@ -582,6 +639,7 @@ def configure_line(
     tol: Tolerances,
     *,
     context: bytes = b"",
+    split: int | None = None,
 ) -> LinePass:
     """The configurations of the points ``x0 + t_i d`` (B of them) of one line, with the
     exit of each point's region along the line, in one pass.
@@ -604,6 +662,7 @@ def configure_line(
         direction: (*input_shape) d.
         tie_direction: (*input_shape) u, for ties that persist along d.
         t: (B,) parameters of the points (any float dtype; used in x0's dtype).
+        split: with :func:`line_split`'s node, also return the :class:`LineTail`.
     """
     from openbox import constraints  # the row math lives there; it imports this module
 
@@ -615,21 +674,103 @@ def configure_line(
     t = torch.as_tensor(t).reshape(-1).to(dtype=x0.dtype, device=x0.device)
     if t.numel() == 0:
         raise ValueError("configure_line needs at least one t")
-    run = _LineRun(program, tol, t, constraints)
+    run = _LineRun(program, tol, t, constraints, split)
     stacked = torch.cat([x0, direction.reshape(1, *shape), tie_direction.reshape(1, *shape)])
     with torch.no_grad():
         out = run.run(program, stacked)
-    b = t.shape[0]
-    out = out.reshape(3, -1, *out.shape[1:]).expand(3, b, *out.shape[1:])
-    logits = torch.addcmul(out[0], out[1], t.reshape(-1, *[1] * (out.dim() - 2)))
     config = Configuration(
         run.on, run.select, run.index, run.n_relu, run.n_pool,
         {k: int(program.nodes[k].window.shape[1]) for k in run.select}, context,
     )
-    exit_ = run.exit.double().cpu()
-    if bool(exit_.isnan().any()):
+    head, tail_exit = _exits(run)
+    logits, rates = _line_logits(out, t)
+    if split is None:
+        return LinePass(config, logits, rates, torch.minimum(head, tail_exit))
+    value = run.tail_value.reshape(3, -1, *run.tail_value.shape[1:])
+    guard = run.guard_head.double().cpu()
+    if bool(guard.isnan().any()):
+        raise RuntimeError("NaN in a region's guard along the line")
+    return LinePass(config, logits, rates, torch.minimum(head, tail_exit),
+                    LineTail(split, value, head, guard, tail_exit, run.head_tight))
+
+
+def configure_line_tail(
+    program: Program,
+    tail: LineTail,
+    rows: Tensor,
+    t: Tensor,
+    tol: Tolerances,
+) -> tuple[Configuration, Tensor, Tensor, Tensor]:
+    """:func:`configure_line` for points whose gates up to ``tail.split`` are known: only
+    the tail's nodes run, from the streams ``tail.value`` of the points ``rows`` (of the
+    pass that made ``tail``), at new parameters t (one per row).
+
+    Valid below ``tail.head_guard``: a pass at t would choose the same head gates, so the
+    streams out of ``tail.split`` are the pass's, and the result is that pass's, bit for
+    bit (the same arithmetic on the same streams).
+
+    Args:
+        rows: (b,) int64 rows of the pass.
+        t: (b,) the new parameters.
+
+    Returns:
+        (the tail's gates (b inputs; :func:`with_head` adds the head's), logits (b, C),
+        rates (b, C), tail exit (b,) float64 CPU).
+    """
+    from openbox import constraints
+
+    t = torch.as_tensor(t).reshape(-1).to(dtype=tail.value.dtype, device=tail.value.device)
+    value = tail.value
+    if value.shape[1] != 1:
+        value = value.index_select(1, rows.to(value.device))
+    run = _LineRun(program, tol, t, constraints, tail.split)
+    x = value.reshape(-1, *value.shape[2:])
+    with torch.no_grad():
+        for k in range(tail.split + 1, len(program.nodes)):
+            x = run.dispatch(k, program.nodes[k], [x])
+    config = Configuration(
+        run.on, run.select, run.index, run.n_relu, run.n_pool,
+        {k: int(program.nodes[k].window.shape[1]) for k in run.select}, b"",
+    )
+    _, tail_exit = _exits(run)
+    logits, rates = _line_logits(x, t)
+    return config, logits, rates, tail_exit
+
+
+def with_head(head: Configuration, gates: Configuration, tail: LineTail,
+              rows: Tensor) -> Configuration:
+    """The whole configuration of points of a tail walk: the head gates of the pass
+    (``head``, all of the pass's rows) for ``rows``, with the tail's ``gates`` (one input
+    per row) and the tied counts of both."""
+    part = head[rows]
+    keep = lambda d: {k: v for k, v in d.items() if k < tail.split}  # noqa: E731
+    on, select, index = keep(part.on), keep(part.select), keep(part.index)
+    on.update(gates.on)
+    select.update(gates.select)
+    index.update(gates.index)
+    rows_cpu = rows.cpu()
+    dev = gates.n_tight_relu.device
+    return Configuration(
+        on, select, index,
+        tail.head_tight[0].cpu()[rows_cpu].to(dev) + gates.n_tight_relu,
+        tail.head_tight[1].cpu()[rows_cpu].to(dev) + gates.n_tight_pool,
+        head.window_sizes, head.context,
+    )
+
+
+def _exits(run) -> tuple[Tensor, Tensor]:
+    """(head exit, tail exit) of a line run, float64 on the CPU; NaN is an error."""
+    head, tail = run.exit_head.double().cpu(), run.exit_tail.double().cpu()
+    if bool(head.isnan().any() or tail.isnan().any()):
         raise RuntimeError("NaN in a region's exit along the line")
-    return LinePass(config, logits, out[1], exit_)
+    return head, tail
+
+
+def _line_logits(out: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
+    """(logits, rates) (B, C) from the output streams (3R, C) of a line run."""
+    b = t.shape[0]
+    out = out.reshape(3, -1, *out.shape[1:]).expand(3, b, *out.shape[1:])
+    return torch.addcmul(out[0], out[1], t.reshape(-1, *[1] * (out.dim() - 2))), out[1]
 
 
 class _LineRun(_ConfigurationRun):
@@ -638,11 +779,32 @@ class _LineRun(_ConfigurationRun):
     first block is the affine intercept (biases on), the others rates (no biases); gates
     act on all three blocks alike, as chosen from the values ``a + t d``."""
 
-    def __init__(self, program: Program, tol: Tolerances, t: Tensor, rows):
+    def __init__(self, program: Program, tol: Tolerances, t: Tensor, rows,
+                 split: int | None = None):
         super().__init__(program, tol, False, t.shape[0], 2, t.device)
         self.t = t
         self.rows = rows  # openbox.constraints: the exits of the rows
-        self.exit = torch.full((t.shape[0],), torch.inf, dtype=t.dtype, device=t.device)
+        self.split = split
+        self.exit_head = torch.full((t.shape[0],), torch.inf, dtype=t.dtype, device=t.device)
+        self.exit_tail = self.exit_head.clone()
+        self.guard_head = self.exit_head.clone()
+        self.tail_value: Tensor | None = None
+        self.head_tight = (self.n_relu, self.n_pool)
+
+    def _guarded(self, k: int) -> bool:
+        """Gate node k is in the head of a run that keeps a tail: track its guard too."""
+        return self.split is not None and k < self.split
+
+    def _exit(self, k: int, t) -> None:
+        """Fold the exit t (B,) of gate node k into the head's or the tail's (for a head
+        gate of a run with a tail, t is the pair (exit, guard))."""
+        if self.split is not None and k > self.split:
+            self.exit_tail = torch.minimum(self.exit_tail, t)
+        elif self._guarded(k):
+            self.exit_head = torch.minimum(self.exit_head, t[0])
+            self.guard_head = torch.minimum(self.guard_head, t[1])
+        else:
+            self.exit_head = torch.minimum(self.exit_head, t)
 
     def _tcol(self, dim: int) -> Tensor:
         return self.t.reshape(-1, *[1] * (dim - 1))
@@ -651,6 +813,9 @@ class _LineRun(_ConfigurationRun):
         y = node.op.apply(x)
         if node.bias is not None:
             y[: x.shape[0] // 3] += node.bias
+        if k == self.split:
+            self.tail_value = y
+            self.head_tight = (self.n_relu.clone(), self.n_pool.clone())
         return y
 
     def add(self, k, node, a, b):
@@ -664,7 +829,7 @@ class _LineRun(_ConfigurationRun):
         z = torch.addcmul(a, d, self._tcol(x.dim()))  # (B, *shape): the values at t
         on, tied = self._relu_on(z, (d, u))
         self.on[k] = on
-        self.exit = torch.minimum(self.exit, self.rows.relu_line_exit(a, d, on, tied, self.tol))
+        self._exit(k, self.rows.relu_line_exit(a, d, on, tied, self.tol, self._guarded(k)))
         x3 = x.reshape(3, -1, *x.shape[1:])
         slope = node.negative_slope
         out = torch.where(on, x3, x3 * slope) if slope else x3 * on
@@ -702,8 +867,8 @@ class _LineRun(_ConfigurationRun):
         self.index[k] = index
         a_s, d_s = (o.view(b, *sizes) for o in out[:2])
         for a_e, d_e, t_e in zip(av, dv, tied):
-            self.exit = torch.minimum(
-                self.exit, self.rows.pool_line_exit(a_e, d_e, a_s, d_s, t_e, self.tol))
+            self._exit(k, self.rows.pool_line_exit(a_e, d_e, a_s, d_s, t_e, self.tol,
+                                                   self._guarded(k)))
         return out.reshape(3 * b, *node.out_shape)
 
     def _maxpool_line_table(self, k, node: MaxPool, x, z):
@@ -720,6 +885,7 @@ class _LineRun(_ConfigurationRun):
         self.index[k] = index
         a3 = x.reshape(3, r, -1)
         out = torch.gather(a3.expand(3, b, -1), 2, index.unsqueeze(0).expand(3, -1, -1))
-        self.exit = torch.minimum(self.exit, self.rows.pool_line_exit(
-            ent[0], ent[1], out[0].unsqueeze(2), out[1].unsqueeze(2), tied, self.tol))
+        self._exit(k, self.rows.pool_line_exit(
+            ent[0], ent[1], out[0].unsqueeze(2), out[1].unsqueeze(2), tied, self.tol,
+            self._guarded(k)))
         return out.reshape(3 * b, *node.out_shape)

@@ -511,10 +511,17 @@ def step_along(
     return best
 
 
+GUARD_TIES = 2.0
+""":func:`relu_line_exit` / :func:`pool_line_exit` guard: the line points where a falling
+row comes within this many tie tolerances of zero (its own tie band, doubled)."""
+
+
 def relu_line_exit(a: Tensor, d: Tensor, on: Tensor, tied: Tensor | None,
-                   tol: Tolerances) -> Tensor:
+                   tol: Tolerances, guard: bool = False):
     """(B,) the t at which the first ReLU row of each region, restricted to the line
-    ``x0 + t d``, reaches the kink (+inf if no row falls).
+    ``x0 + t d``, reaches the kink (+inf if no row falls); with ``guard`` also (B,) the
+    first t at which a falling row comes within :data:`GUARD_TIES` tie tolerances of it
+    (before that t, every row's side is decided by its value, not by a tie-break).
 
     A region's ReLU input is ``a + t d`` along the line (``a`` its intercept at t = 0
     under the region's upstream gates, ``d`` its rate, both (B or 1, *shape)); the row
@@ -528,15 +535,21 @@ def relu_line_exit(a: Tensor, d: Tensor, on: Tensor, tied: Tensor | None,
     falling = torch.where(on, d < 0, d > 0)
     if tied is not None:
         falling &= ~(tied & ~tol.relu_moving(d))
-    t = torch.where(falling, -a / d, torch.inf)
-    return t.reshape(t.shape[0], -1).amin(dim=1)
+    cross = -a / d
+    t = torch.where(falling, cross, torch.inf)
+    out = t.reshape(t.shape[0], -1).amin(dim=1)
+    if not guard:
+        return out
+    near = torch.where(falling, cross - (GUARD_TIES * tol.tie) / d.abs(), torch.inf)
+    return out, near.reshape(t.shape[0], -1).amin(dim=1)
 
 
 def pool_line_exit(a_e: Tensor, d_e: Tensor, a_s: Tensor, d_s: Tensor, tied: Tensor,
-                   tol: Tolerances) -> Tensor:
+                   tol: Tolerances, guard: bool = False):
     """(B,) the t at which window entry e of each max-pool window first reaches the
     selected entry s along the line ``x0 + t d``, the first over all windows (+inf if
-    none rises to it).
+    none rises to it); with ``guard`` also the first t at which such an entry comes within
+    :data:`GUARD_TIES` tie bands of s (the band taken at its widest over t in [0, 1]).
 
     The row "entry e <= selected entry s" is ``(a_s - a_e) + t (d_s - d_e) >= 0`` (a, d:
     intercepts and rates as in :func:`relu_line_exit`; a_e, d_e (B or 1, *out_shape) the
@@ -547,7 +560,15 @@ def pool_line_exit(a_e: Tensor, d_e: Tensor, a_s: Tensor, d_s: Tensor, tied: Ten
     """
     gap = d_e - d_s
     falling = gap > 0
-    # same function both ways; given gap > 0, tol.same_slope(d_e, d_s) holds already
-    flat = tied & tol.same_slope(d_s, d_e)
-    t = torch.where(falling & ~flat, (a_s - a_e) / gap, torch.inf)
-    return t.reshape(t.shape[0], -1).amin(dim=1)
+    both = falling & tied
+    if bool(both.any()):  # rare: the tie-break made tied entries rise no faster than s
+        # same function both ways; given gap > 0, tol.same_slope(d_e, d_s) holds already
+        falling = falling & ~(both & tol.same_slope(d_s, d_e))
+    cross = (a_s - a_e).div_(gap)
+    t = torch.where(falling, cross, torch.inf)
+    out = t.reshape(t.shape[0], -1).amin(dim=1)
+    if not guard:
+        return out
+    band = (GUARD_TIES * tol.tie) * (1 + a_s.abs() + d_s.abs())
+    near = torch.where(falling, cross - band / gap, torch.inf)
+    return out, near.reshape(t.shape[0], -1).amin(dim=1)

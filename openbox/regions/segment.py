@@ -23,11 +23,22 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import NamedTuple
 
+import numpy as np
 import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from openbox.configuration import Configuration, RegionKey, configure, configure_line
+from openbox.configuration import (
+    Configuration,
+    RegionKey,
+    configure,
+    configure_line,
+    configure_line_tail,
+    keys_of,
+    line_split,
+    selection_dtype,
+    with_head,
+)
 from openbox.constraints import step_along
 from openbox.linear_maps import compose_backward
 
@@ -81,8 +92,8 @@ def _ends(ob, x0: Tensor, x1: Tensor) -> tuple[Tensor, Tensor, Tensor]:
 
 
 SYNC_STEPS = 16
-"""A walker is joined by the walker before it only at one of its first SYNC_STEPS points
-(see :func:`walk`); past them it is paused when that walker overtakes it."""
+"""A walker is joined by the walker before it only at one of its first SYNC_STEPS pass
+points (see :func:`walk`); past them it is paused when that walker overtakes it."""
 
 REFILL_PIECES = 8
 """A new walker is started in a stretch of the segment only when the walker before it
@@ -92,17 +103,20 @@ expects at least this many pieces there (at its mean piece length so far)."""
 class _Walker:
     """One walker of :func:`walk`: the chain of points it configured from ``start``."""
 
-    __slots__ = ("start", "t", "ts", "keys", "confs", "acc", "early", "link", "done",
-                 "entered", "slot")
+    __slots__ = ("start", "t", "ts", "keys", "maps", "confs", "early", "marks", "passes",
+                 "link", "done", "entered", "slot")
 
     def __init__(self, start: float, slot: int):
         self.start = start
         self.t = start
-        self.ts: list[float] = []  # the points configured, in order
+        self.ts: list[float] = []  # the points of its steps, in order
         self.keys: list[RegionKey] = []  # their regions
+        self.maps: list[np.ndarray] = []  # (2, C): logits and their rates there
         self.confs: list[Configuration] = []
-        self.early: list[Tensor] = []  # accumulated values of the first SYNC_STEPS points
-        self.link: tuple[_Walker, int] | None = None  # joined that walker at that point
+        self.early: list[Tensor] = []  # accumulated values of the steps of its first passes
+        self.marks: list[float] = []  # its pass points that others may join at
+        self.passes = 0
+        self.link: tuple[_Walker, int] | None = None  # joined that walker at that step
         self.done = False  # reached t = 1, joined another walker, or paused
         self.entered = False  # another walker joined this one
         self.slot = slot  # row of the accumulator
@@ -128,19 +142,24 @@ def walk(
     """The walk behind :func:`segment`, with ``walkers`` points configured side by side
     (1 = the sequential walk).
 
-    The walk is a chain of points: from t, one pass (:func:`configure_line`) gives the
-    region at t and its exit along the line; the next point is that exit (or t nudged by
-    16 ulps when rounding puts the exit at or before t), capped at 1. The exit depends on
-    the region only, so the chain from any point of a region is the same from its exit on:
-    **the chain is a function of the point alone**. Walker 0 starts at 0 (it is the
-    sequential walk); the others start inside [0, 1] and each walker runs until it
-    reaches 1 or lands exactly (bit for bit) on a point one of the later walkers
-    configured among its first :data:`SYNC_STEPS` points, where it joins that walker's
+    The walk is a chain of steps. A *pass point* t gets one full pass
+    (:func:`configure_line`): the region at t and its exit along the line. When the
+    program has a tail (:func:`line_split`: the gates after its last affine map) and the
+    region's first falling row is a tail row, the walk crosses it with the tail alone
+    (:func:`configure_line_tail`, no pass through the layers before), step after step,
+    while no head gate comes near a tie (``head_guard``: there a pass would choose the
+    same head gates, so a tail step gives what a pass would, bit for bit); the next point
+    past that is a pass point. Points are exits (or t nudged by 16 ulps when rounding puts
+    an exit at or before t), capped at 1. Exits depend on the region only,
+    so **the chain from a pass point is a function of that point alone**. Walker 0 starts
+    at 0 (it is the sequential walk); the others start inside [0, 1], and each walker runs
+    until it reaches 1 or lands exactly (bit for bit) on one of the first
+    :data:`SYNC_STEPS` pass points of a later walker, where it joins that walker's
     chain. Following the joins from walker 0 gives exactly the sequential chain; a
-    walker's first point (its arbitrary start) is never part of it. A walker overtaken
-    without a join is paused (and resumed if someone joins it later). When fewer than
-    ``walkers`` remain, new ones start in the middle of the longest stretches still ahead
-    of a walker.
+    walker's first steps before its first joinable point are never part of it. A walker
+    overtaken without a join is paused (and resumed if someone joins it later). When
+    fewer than ``walkers`` remain, new ones start in the middle of the longest stretches
+    still ahead of a walker.
 
     Returns the pieces, with ``keep_configurations`` the configuration of each piece (one
     input each), and with ``accumulate`` its sum over the chain's steps.
@@ -148,12 +167,14 @@ def walk(
     x0, x1, direction = _ends(ob, x0, x1)
     if walkers < 1:
         raise ValueError(f"walkers must be >= 1, got {walkers}")
+    split = line_split(ob.program)
     eps = float(torch.finfo(x0.dtype).eps)
     order: list[_Walker] = [_Walker(i / walkers, i) for i in range(walkers)]
     slots = walkers
-    marks: dict[float, tuple[_Walker, int]] = {}  # a point -> (walker, index) among the first
+    marks: dict[float, tuple[_Walker, int]] = {}  # a pass point -> (walker, step index)
     acc = None
     steps = 0
+    one = torch.ones((), dtype=torch.float64)
     bar = tqdm(total=1.0, desc="segment", unit="t", leave=False,
                disable=not (True if progress is None else progress),
                bar_format="{l_bar}{bar}| {n:.3f} of t [{elapsed}, {postfix}]")
@@ -167,35 +188,56 @@ def walk(
                 active = [w for w in order if not w.done]
             ts = torch.tensor([w.t for w in active], dtype=torch.float64)
             lp = configure_line(ob.program, x0, direction, ob.direction, ts, ob.tol,
-                                context=ob.key_context)
-            ex = lp.exit
-            nudge = torch.minimum(ts + ts.abs().clamp_min(1.0) * (16 * eps), torch.ones(()))
-            t_next = torch.where(ex > ts, torch.minimum(ex, torch.ones(())), nudge)
-            keys = lp.configuration.region_keys()
-            if accumulate is not None:
-                val = accumulate(lp.configuration, lp.logits, ts, t_next)
-                if acc is None or acc.shape[0] < slots:
-                    grown = val.new_zeros((max(slots, 2 * (0 if acc is None else acc.shape[0])),
-                                           *val.shape[1:]))
-                    if acc is not None:
-                        grown[: acc.shape[0]] = acc
-                    acc = grown
-                acc.index_add_(0, torch.tensor([w.slot for w in active], device=val.device), val)
-            nxt = t_next.tolist()
-            for j, w in enumerate(active):
-                m = len(w.ts)
-                w.ts.append(w.t)
-                w.keys.append(keys[j])
-                if keep_configurations:
-                    w.confs.append(lp.configuration[j])
-                if accumulate is not None and m <= SYNC_STEPS:
-                    w.early.append(val[j].clone())
-                if 1 <= m <= SYNC_STEPS:
-                    marks.setdefault(w.t, (w, m))
-                w.t = nxt[j]
-            steps += len(active)
-            if steps > max_pieces + len(order) * (SYNC_STEPS + 1):
-                raise RuntimeError(f"segment has more than {max_pieces} pieces; raise max_pieces")
+                                context=ob.key_context, split=split)
+            for w in active:
+                w.passes += 1
+                if 2 <= w.passes <= SYNC_STEPS + 1:  # not its start: a point of a chain
+                    marks.setdefault(w.t, (w, len(w.ts)))
+                    w.marks.append(w.t)
+            rows = torch.arange(len(active))
+            t, config, logits, rates, ex = ts, lp.configuration, lp.logits, lp.rates, lp.exit
+            packed = config.packed()
+            if lp.tail is not None:
+                guard = lp.tail.head_guard
+                head_bytes = packed[:, : _head_bytes(config, lp.tail.split)]
+            while True:  # the pass's step, then the tail's steps inside the head's region
+                nudge = torch.minimum(t + t.abs().clamp_min(1.0) * (16 * eps), one)
+                t_next = torch.where(ex > t, torch.minimum(ex, one), nudge)
+                if accumulate is not None:
+                    val = accumulate(config, logits, t, t_next)
+                    acc = _grow(acc, val, slots)
+                    acc.index_add_(0, torch.tensor([active[j].slot for j in rows.tolist()],
+                                                   device=val.device), val)
+                keys = keys_of(packed, ob.key_context)
+                nxt = t_next.tolist()
+                lr = torch.stack([logits, rates], 1).double().cpu().numpy()  # (b, 2, C)
+                for i, j in enumerate(rows.tolist()):
+                    w = active[j]
+                    w.ts.append(w.t)
+                    w.keys.append(keys[i])
+                    w.maps.append(lr[i])
+                    if keep_configurations:
+                        w.confs.append(config[i])
+                    if accumulate is not None and w.passes <= SYNC_STEPS + 1:
+                        w.early.append(val[i].clone())
+                    w.t = nxt[i]
+                steps += rows.numel()
+                if steps > max_pieces + len(order) * (SYNC_STEPS + 1):
+                    raise RuntimeError(
+                        f"segment has more than {max_pieces} pieces; raise max_pieces")
+                if lp.tail is None:
+                    break
+                inner = (t_next < guard[rows]) & (t_next < 1.0)
+                if not bool(inner.any()):
+                    break
+                sub = inner.nonzero().flatten()
+                rows, t = rows[sub], t_next[sub]
+                gates, logits, rates, tail_exit = configure_line_tail(
+                    ob.program, lp.tail, rows, t, ob.tol)
+                packed = np.concatenate([head_bytes[rows.numpy()], gates.packed()], axis=1)
+                if accumulate is not None or keep_configurations:
+                    config = with_head(lp.configuration, gates, lp.tail, rows)
+                ex = torch.minimum(lp.tail.head_exit[rows], tail_exit)
             for w in active:
                 _advance(w, order, marks)
             bar.n = _covered(order)
@@ -211,6 +253,7 @@ def walk(
     if chain[-1][0].t != 1.0:
         raise RuntimeError("segment: the walk's chain does not reach t = 1 (a bug)")
     pieces: list[Piece] = []
+    maps: list[tuple[float, np.ndarray]] = []  # (t, (logits, rates) there) per piece
     kept: list[Configuration] = []
     for w, m in chain:
         for j in range(m, len(w.ts)):
@@ -219,6 +262,7 @@ def walk(
                 pieces[-1] = pieces[-1]._replace(t_end=t_end)
                 continue
             pieces.append(Piece(w.ts[j], t_end, w.keys[j], -1))
+            maps.append((w.ts[j], w.maps[j]))
             if keep_configurations:
                 kept.append(w.confs[j])
     if len(pieces) > max_pieces:
@@ -230,13 +274,42 @@ def walk(
             total += acc[w.slot]
             for v in w.early[:m]:
                 total -= v
-    return (_predict_midpoints(ob, x0, x1, pieces), kept if keep_configurations else None,
-            total)
+    # the predicted class at each piece's midpoint, from its region's affine logits
+    pieces = [p._replace(prediction=int(np.argmax(lr[0] + (0.5 * (p.t_start + p.t_end) - t)
+                                                   * lr[1])))
+              for p, (t, lr) in zip(pieces, maps)]
+    return pieces, (kept if keep_configurations else None), total
+
+
+def _head_bytes(config: Configuration, split: int) -> int:
+    """Bytes of the packed configuration (:meth:`Configuration.packed`) that hold the
+    gates before node ``split``."""
+    n = 0
+    for k in sorted(set(config.on) | set(config.select)):
+        if k > split:
+            break
+        if k in config.on:
+            n += (config.on[k][0].numel() + 7) // 8
+        else:
+            n += config.select[k].shape[1] * selection_dtype(config.window_sizes[k]).itemsize
+    return n
+
+
+def _grow(acc: Tensor | None, val: Tensor, slots: int) -> Tensor:
+    """The accumulator (slots, *S), grown (doubling) to hold ``slots`` walkers."""
+    if acc is not None and acc.shape[0] >= slots:
+        return acc
+    grown = val.new_zeros((max(slots, 2 * (0 if acc is None else acc.shape[0])),
+                           *val.shape[1:]))
+    if acc is not None:
+        grown[: acc.shape[0]] = acc
+    return grown
 
 
 def _advance(w: _Walker, order: list[_Walker], marks) -> None:
-    """After a step of walker w: stop it at t = 1, join it to a later walker whose chain it
-    landed on, and pause the walker after it once it is overtaken without a join."""
+    """After the steps of walker w up to its next pass point: stop it at t = 1, join it
+    to a later walker whose chain it landed on, and pause the walker after it once it is
+    overtaken without a join."""
     if w.t >= 1.0:
         w.done = True
         return
@@ -254,9 +327,8 @@ def _advance(w: _Walker, order: list[_Walker], marks) -> None:
     i = order.index(w)
     if i + 1 < len(order):
         v = order[i + 1]
-        marked = v.ts[1 : SYNC_STEPS + 1]
-        last = v.t if len(marked) < SYNC_STEPS else marked[-1]
-        if not v.entered and w.t > last and (v.done or len(marked) == SYNC_STEPS):
+        last = v.t if len(v.marks) < SYNC_STEPS else v.marks[-1]
+        if not v.entered and w.t > last and (v.done or len(v.marks) == SYNC_STEPS):
             v.done = True  # overtaken: w can no longer join it
 
 
