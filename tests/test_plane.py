@@ -359,3 +359,21 @@ def test_lockstep_polygons_match_one_polygon_at_a_time():
         assert np.all(G @ q[inside].T <= h[:, None] + 1e-12)
         holds = np.all(G @ q.T <= h[:, None] - 1e-9, axis=0)
         assert np.all(inside[holds])
+
+
+def test_max_regions_stops_the_walk_with_a_part_of_the_full_map():
+    """A walk stopped by max_regions says so, and what it found is part of the full map
+    (same keys, same polygons), the seed's region first."""
+    model = random_mlp(0, (2, 10, 10, 3))
+    ob = openbox.OpenBox(model, (2,))
+    args = (torch.zeros(2, dtype=F64), torch.tensor([1.0, 0.0]), torch.tensor([0.0, 1.0]),
+            (-3, 3, -2, 2.5))
+    full = plane(ob, *args, progress=False)
+    part = plane(ob, *args, max_regions=20, batch=4, progress=False)
+    assert full.complete and not part.complete
+    assert 20 <= len(part) < len(full)
+    assert part.coverage < 1
+    assert part.polygons[0].contains(np.zeros((1, 2)))[0]
+    area = {p.region_key: p.area for p in full.polygons}
+    for p in part.polygons:
+        assert p.area == pytest.approx(area[p.region_key], rel=1e-9)

@@ -768,11 +768,11 @@ class _Walk:
         guessed neighbour (:class:`_States`) another edge of the batch is already crossing
         into waits for the next batch, where that neighbour is likely known and covers it
         (the guess only orders the work: what a crossing finds is configured)."""
-        out, aimed, wait, rest = [], set(), [], 0
-        for rest, t in enumerate(self.queue):
-            if len(out) == n:
-                break
-            if t not in self.at:
+        out, aimed, wait, seen = [], set(), [], 0
+        while seen < len(self.queue) and len(out) < n:
+            t = self.queue[seen]
+            seen += 1
+            if t not in self.at:  # closed since it was queued
                 continue
             g = int(self.guess[t])
             if g in aimed:
@@ -781,9 +781,7 @@ class _Walk:
                 out.append(t)
                 if g not in self.known_hashes:  # a known guess is wrong for this part
                     aimed.add(g)
-        else:
-            rest = len(self.queue)
-        self.queue = wait + self.queue[rest:]
+        self.queue = wait + self.queue[seen:]
         return np.array(out, dtype=np.int64)
 
     def crossings(self, edges: np.ndarray):
