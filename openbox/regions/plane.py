@@ -380,10 +380,10 @@ def _half_planes(ob, config, gates, pts: np.ndarray, ns: np.ndarray, es: np.ndar
     out = []
     for i in range(f):
         rows = np.flatnonzero(maybe[i])
-        w = np.outer(r1[i, rows], ns[i]) + np.outer(r2[i, rows], es[i])
+        w = r1[i, rows, None] * ns[i] + r2[i, rows, None] * es[i]  # (m, 2)
         # slack + (q - p) . w >= 0  <=>  -w . q <= slack - w . p
         G, h = -w, s[i, rows] - w @ pts[i]
-        keep = np.isfinite(h) & np.any(G != 0, axis=1)
+        keep = np.isfinite(h) & ((G[:, 0] != 0) | (G[:, 1] != 0))
         G, h, rows = G[keep], h[keep], rows[keep]
         dist = (h - G @ pts[i]) / np.maximum(np.abs(G).sum(axis=1), 1e-300)
         near = dist <= size0[i]
