@@ -895,7 +895,8 @@ class _Reservoir:
                 hamming[:, j] = (p != p[nn]).sum(axis=1)
         d = self.digests[:m][order]
         index = self.index[:m][order]
-        distance = np.sqrt(_sq_distances(x, x[nn]))
+        xt = torch.from_numpy(x)  # the norm as torch takes it, as before the numpy search
+        distance = torch.linalg.vector_norm(xt - xt[torch.from_numpy(nn)], dim=1).numpy()
         return Neighbours(index, index[nn], distance, hamming, (d == d[nn]).all(axis=1),
                           self.seed, self.seen)
 
