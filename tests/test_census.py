@@ -286,6 +286,22 @@ def test_the_default_batch_size_and_its_fallback(cnn, cnn_data, monkeypatch):
         np.testing.assert_array_equal(getattr(a.neighbours, name), getattr(b.neighbours, name))
 
 
+def test_growing_columns_of_an_iterable_give_the_census_of_the_tensor(cnn, cnn_data,
+                                                                     cnn_census, monkeypatch):
+    """A tensor's columns are allocated once at N; an iterable's grow by doubling (here
+    from 3 rows): the same census either way."""
+    import importlib
+
+    module = importlib.import_module("openbox.regions.census")
+    monkeypatch.setattr(module._Rows, "FIRST", 3)
+    x, y = cnn_data
+    c = census(cnn, DataLoader(TensorDataset(x, y), batch_size=5), batch_size=16,
+               progress=False)
+    for name in ("digests", "layer_digests", "n_tight", "predictions", "labels"):
+        np.testing.assert_array_equal(getattr(c, name), getattr(cnn_census, name))
+        assert getattr(c, name).shape[0] == x.shape[0]
+
+
 # --------------------------------------------------------------------------- merging
 
 

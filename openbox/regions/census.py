@@ -625,7 +625,8 @@ def census(
     batches, total = _batches(ob, data, labels, batch_size)
     show = (total is None or total > 1) if progress is None else bool(progress)
     sample = _Reservoir(neighbours_n, seed, layers)
-    rows = _Rows()
+    known = data.shape[0] if isinstance(data, (Tensor, np.ndarray)) else None
+    rows = _Rows(known)
     labelled = None
     for xb, yb in tqdm(batches, total=total, desc="census", unit="batch", disable=not show,
                        leave=False):
@@ -674,14 +675,17 @@ class _Rows:
 
     FIRST = 4096
 
-    def __init__(self):
+    def __init__(self, size: int | None = None):
+        """``size``: the number of inputs when known (a tensor of data): the columns are
+        then allocated once at that size, never grown, and handed over without a copy."""
         self.n = 0
+        self.size = size
         self.columns: list[np.ndarray] | None = None
 
     def append(self, arrays: list[np.ndarray]) -> None:
         b = arrays[0].shape[0]
         if self.columns is None:
-            self.columns = [np.empty((max(self.FIRST, b), *a.shape[1:]), a.dtype)
+            self.columns = [np.empty((self.size or max(self.FIRST, b), *a.shape[1:]), a.dtype)
                             for a in arrays]
         elif self.n + b > self.columns[0].shape[0]:
             size = max(2 * self.columns[0].shape[0], self.n + b)
@@ -694,6 +698,8 @@ class _Rows:
         self.n += b
 
     def result(self) -> list[np.ndarray]:
+        if self.columns is not None and self.n == self.columns[0].shape[0]:
+            return self.columns  # exactly full: no copy
         return [c[: self.n].copy() for c in self.columns or []]
 
 
