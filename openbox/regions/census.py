@@ -69,12 +69,12 @@ from openbox.configuration import selection_dtype
 DIGEST_BYTES = 16
 """Bytes of every digest a census stores (BLAKE2b, as :attr:`RegionKey.digest16`)."""
 
-CENSUS_BATCH: int | None = 96
-"""Default inputs per configuration pass of a census (None: the OpenBox's ``batch_size``).
-96, against the OpenBox's 64: the scan of ``experiments/bench_census.py`` on the demo CNN
-(2 CPU threads, float64) finds the census fastest at 96 to 128 inputs (one pass holds
-2 B rows, the inputs and their tie-break direction), ~1.1-1.4x its speed at 64, and
-slower again from 192; memory per pass grows with B."""
+CENSUS_BATCH: int | None = None
+"""Default inputs per configuration pass of a census; None: the OpenBox's ``batch_size``
+(64 by default). ``experiments/bench_census.py`` scans batch sizes: on the demo CNN (2 CPU
+threads, float64) 32 to 128 were within the machine's noise of each other (96 and 128
+ahead by up to 1.4x in some runs, behind by ~10% in others), 192 and up slower; so the
+OpenBox's own size stands."""
 
 NEIGHBOURS_N = 2000
 """Default cap on the inputs sampled for nearest-neighbour statistics."""
