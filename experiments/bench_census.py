@@ -234,7 +234,8 @@ def main(argv=None):
             train = load_fashion_mnist("train", data_dir, progress=False)
             print(f"\n== train split: {len(train):,} images, one census run")
             elapsed, c, growth = census_run(ob, train.images, train.labels, batch)
-            print(f"  census {len(train) / elapsed.wall:.0f} images/s (cpu {len(train) / elapsed.cpu:.0f}); {c.summary()}; peak RSS "
+            print(f"  census {len(train) / elapsed.wall:.0f} images/s (cpu "
+                  f"{len(train) / elapsed.cpu:.0f}); {c.summary()}; peak RSS "
                   f"growth {'n/a' if growth is None else f'{growth:.1f} MB'}")
             print("\n" + c.layer_table())
     else:

@@ -974,12 +974,13 @@ def _nearest(x: np.ndarray) -> np.ndarray:
     if k == 1:
         unsure = np.zeros(m, dtype=bool)  # m == 2: the other row
     else:
-        unsure = ~((best[:, 1] + sq - err) * (1.0 - slack) > (best[:, 0] + sq + err) * (1.0 + slack))
+        # settled: every other row's distance (>= the second value) beats the winner's
+        second = (best[:, 1] + sq - err) * (1.0 - slack)
+        unsure = ~(second > (best[:, 0] + sq + err) * (1.0 + slack))
     rows = np.flatnonzero(unsure)
     if rows.size:
-        exact = np.concatenate([
-            _sq_distances(x[rows[b : b + DISTANCE_ROWS], None], x[cand[rows[b : b + DISTANCE_ROWS]]])
-            for b in range(0, rows.size, DISTANCE_ROWS)])
+        blocks = [rows[b : b + DISTANCE_ROWS] for b in range(0, rows.size, DISTANCE_ROWS)]
+        exact = np.concatenate([_sq_distances(x[r, None], x[cand[r]]) for r in blocks])
         low = exact.min(axis=1)
         out[rows] = np.where(exact == low[:, None], cand[rows], m).min(axis=1)
         if k < m - 1:
