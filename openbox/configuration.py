@@ -481,13 +481,17 @@ class _ConfigurationRun(Interpreter):
                 torch.maximum(top, m, out=top)
             floor = self.tol.slope_floor(top)  # tol.same_slope, its bound computed once
             same = [s & (m >= floor) for s, m in zip(same, masked)]
-        k = len(v)
-        chosen = torch.stack(same).view(k, b, -1)
-        # the first True (the lowest window position; argmax returns the first maximum)
-        sel = chosen.view(torch.uint8).argmax(dim=0)
-        # tied entries that are not the same function (same <= tied)
-        self.n_pool += torch.stack(tied).view(k, b, -1).sum((0, 2)) - chosen.sum((0, 2))
-        return sel, tied
+        # the first True (the lowest window position), 0 when none: the number of leading
+        # positions before it, counted as the prefixes that hold no True
+        none = ~same[0]
+        lead = torch.zeros(value.shape, dtype=torch.uint8, device=value.device)
+        for s in same[1:]:
+            lead += none.view(torch.uint8)
+            none = none & ~s
+        lead *= (~none).view(torch.uint8)
+        for t, s in zip(tied, same):  # tied but not the same function (same <= tied)
+            self.n_pool += t.view(b, -1).sum(1) - s.reshape(b, -1).sum(1)
+        return lead.view(b, -1).to(torch.int64), tied
 
     def _maxpool_table(self, k, node: MaxPool, x):
         b = self.b
