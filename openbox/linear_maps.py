@@ -97,20 +97,52 @@ def compose_backward(
         ``W_b x + b_b`` is the network on input b's region.
     """
     b, r = rows.shape[:2]
-    dtype = rows.dtype
-    grads: dict[int, Tensor] = {program.output: rows.reshape(b * r, *program.output_shape).clone()}
-    bias = torch.zeros((b, r), dtype=dtype, device=rows.device)
+    bias = torch.zeros((b, r), dtype=rows.dtype, device=rows.device)
+    grads = {program.output: rows.reshape(b * r, *program.output_shape).clone()}
+    weight = _push_back(program, config, grads, b, r, 0, bias)
+    return weight.reshape(b, r, *program.input_shape), bias
+
+
+def backward_to(program: Program, config: Configuration, rows: Tensor, value: int) -> Tensor:
+    """:func:`compose_backward` from the output down to the program value ``value`` only
+    (the output of node ``value - 1``), no biases: (B, R, *shape of that value), the rows
+    times the fixed network's Jacobian from that value to the output. Only the gates of
+    nodes at or after ``value`` are read. The program must be a chain from there on (each
+    node reads the value before it)."""
+    b, r = rows.shape[:2]
+    grads = {program.output: rows.reshape(b * r, *program.output_shape).clone()}
+    g = _push_back(program, config, grads, b, r, value, None)
+    return g.reshape(b, r, *program.shape_of(value))
+
+
+def backward_from(program: Program, config: Configuration, g: Tensor, value: int) -> Tensor:
+    """The rest of :func:`compose_backward` after :func:`backward_to`: g (B, R, *shape of
+    value ``value``) pushed down to the input through the nodes before ``value``, with
+    their gates from ``config``; (B, R, *input_shape)."""
+    b, r = g.shape[:2]
+    grads = {value: g.reshape(b * r, *g.shape[2:]).clone()}
+    weight = _push_back(program, config, grads, b, r, 0, None, top=value - 1)
+    return weight.reshape(b, r, *program.input_shape)
+
+
+def _push_back(program: Program, config: Configuration, grads: dict[int, Tensor], b: int,
+               r: int, stop: int, bias: Tensor | None, top: int | None = None) -> Tensor:
+    """Push the row vectors ``grads`` (value index -> (B R, *shape)) back through nodes
+    ``top`` (default: the last) down to ``stop``, adding ``rows . biases`` into ``bias``
+    when given; the vectors at value ``stop`` (zeros if nothing reaches it)."""
+    dtype = next(iter(grads.values())).dtype
+    device = next(iter(grads.values())).device
 
     def accumulate(value: int, g: Tensor) -> None:
         grads[value] = g if value not in grads else grads[value].add_(g)
 
-    for k in range(len(program.nodes) - 1, -1, -1):
+    for k in range(len(program.nodes) - 1 if top is None else top, stop - 1, -1):
         g = grads.pop(k + 1, None)  # owned: no other entry of `grads` holds this tensor
         if g is None:  # value does not reach the output
             continue
         node = program.nodes[k]
         if isinstance(node, Affine):
-            if node.bias is not None:
+            if bias is not None and node.bias is not None:
                 bias += (g.reshape(b * r, -1) @ node.bias_flat).reshape(b, r)
             accumulate(node.inputs[0], node.op.apply_transpose(g))
         elif isinstance(node, ReLU):
@@ -126,10 +158,10 @@ def compose_backward(
             accumulate(node.inputs[1], g.clone())
         else:
             raise TypeError(f"unknown node kind {type(node).__name__}")
-    weight = grads.get(0)
-    if weight is None:  # output does not depend on the input
-        weight = torch.zeros((b * r, *program.input_shape), dtype=dtype, device=rows.device)
-    return weight.reshape(b, r, *program.input_shape), bias
+    out = grads.get(stop)
+    if out is None:  # nothing reaches it
+        out = torch.zeros((b * r, *program.shape_of(stop)), dtype=dtype, device=device)
+    return out
 
 
 class SupportPass(Interpreter):

@@ -21,8 +21,40 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from openbox.linear_maps import compose_backward
+from openbox.configuration import Configuration, line_split
+from openbox.linear_maps import backward_from, backward_to, compose_backward
 from openbox.regions.segment import DEFAULT_WALKERS, walk
+
+
+class _TargetRowIG:
+    """The walk's accumulator of exact IG (:class:`openbox.regions.segment.SplitAccumulate`):
+    per step ``(t_next - t) * W[c]``, the target row of the step's region; with a tail,
+    the row pushed back to the tail's split per step and through the head's gates once
+    per pass (the head's Jacobian is the same for all steps of a pass, and the sum is
+    linear)."""
+
+    def __init__(self, ob, target: int):
+        self.ob = ob
+        self.row = torch.zeros((1, 1, ob.num_classes), dtype=ob.dtype, device=ob.device)
+        self.row[0, 0, target] = 1
+        split = line_split(ob.program)
+        self.value = None if split is None else split + 1  # the program value at the split
+
+    def _dt(self, t: Tensor, t_next: Tensor, dims: int) -> Tensor:
+        return (t_next - t).to(self.ob.dtype).to(self.ob.device).reshape(-1, *[1] * dims)
+
+    def whole(self, config: Configuration, logits, t: Tensor, t_next: Tensor) -> Tensor:
+        w, _ = compose_backward(self.ob.program, config,
+                                self.row.expand(config.batch_size, -1, -1))
+        return w[:, 0] * self._dt(t, t_next, w.dim() - 2)
+
+    def tail(self, config: Configuration, t: Tensor, t_next: Tensor) -> Tensor:
+        g = backward_to(self.ob.program, config, self.row.expand(config.batch_size, -1, -1),
+                        self.value)
+        return g[:, 0] * self._dt(t, t_next, g.dim() - 2)
+
+    def head(self, config: Configuration, value: Tensor) -> Tensor:
+        return backward_from(self.ob.program, config, value.unsqueeze(1), self.value)[:, 0]
 
 
 def _targets(target, logits: Tensor) -> Tensor:
@@ -85,14 +117,7 @@ def integrated_gradients(
     for b in range(x.shape[0]):
         if bool((x[b] == baseline[b]).all()):
             continue  # a zero-length path: every attribution is 0
-        row = torch.zeros((1, 1, ob.num_classes), dtype=ob.dtype, device=ob.device)
-        row[0, 0, targets[b]] = 1
-
-        def step_value(config, logits, t, t_next, row=row):
-            w, _ = compose_backward(ob.program, config, row.expand(config.batch_size, -1, -1))
-            dt = (t_next - t).to(ob.dtype).to(ob.device).reshape(-1, *[1] * len(ob.input_shape))
-            return w[:, 0] * dt
-
+        step_value = _TargetRowIG(ob, int(targets[b]))
         pieces, _, total = walk(ob, baseline[b], x[b], walkers=walkers, progress=progress,
                                 accumulate=step_value)
         out[b] = total * (x[b] - baseline[b])

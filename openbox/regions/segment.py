@@ -21,7 +21,7 @@ the benchmark's baseline.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import NamedTuple
+from typing import NamedTuple, Protocol
 
 import numpy as np
 import torch
@@ -113,7 +113,7 @@ class _Walker:
         self.keys: list[RegionKey] = []  # their regions
         self.maps: list[np.ndarray] = []  # (2, C): logits and their rates there
         self.confs: list[Configuration] = []
-        self.early: list[Tensor] = []  # accumulated values of the steps of its first passes
+        self.early: list[tuple[int, Tensor]] = []  # (first step, value) of its first passes
         self.marks: list[float] = []  # its pass points that others may join at
         self.passes = 0
         self.link: tuple[_Walker, int] | None = None  # joined that walker at that step
@@ -128,6 +128,25 @@ a value per step (e.g. ``(t_next - t) * W[c]`` for exact IG); :func:`walk` retur
 over the steps of the final chain."""
 
 
+class SplitAccumulate(Protocol):
+    """An :data:`Accumulate` that is linear in a value at the program's tail split
+    (:func:`line_split`), so :func:`walk` can sum the tail steps of one pass before the
+    head part is applied once: the value of a step is ``head(config, tail(config, t,
+    t_next))`` with ``head`` linear in its second argument and depending on the head
+    gates only (exact IG: the target row's gradient, pushed back to the split per step
+    and through the layers before it once per pass)."""
+
+    def whole(self, config: Configuration, logits: Tensor, t: Tensor,
+              t_next: Tensor) -> Tensor:
+        """(K, *S) the value of a step, for programs without a tail."""
+
+    def tail(self, config: Configuration, t: Tensor, t_next: Tensor) -> Tensor:
+        """(K, *V) the step's value at the split (reads the tail gates only)."""
+
+    def head(self, config: Configuration, value: Tensor) -> Tensor:
+        """(K, *S) summed split values (K, *V) carried through the head's gates."""
+
+
 def walk(
     ob,
     x0: Tensor,
@@ -136,7 +155,7 @@ def walk(
     walkers: int = DEFAULT_WALKERS,
     max_pieces: int = 100_000,
     progress: bool | None = None,
-    accumulate: Accumulate | None = None,
+    accumulate: Accumulate | SplitAccumulate | None = None,
     keep_configurations: bool = False,
 ) -> tuple[list[Piece], list[Configuration] | None, Tensor | None]:
     """The walk behind :func:`segment`, with ``walkers`` points configured side by side
@@ -168,6 +187,9 @@ def walk(
     if walkers < 1:
         raise ValueError(f"walkers must be >= 1, got {walkers}")
     split = line_split(ob.program)
+    grouped = accumulate is not None and hasattr(accumulate, "tail") and split is not None
+    per_step = None if accumulate is None or grouped else getattr(accumulate, "whole",
+                                                                   accumulate)
     eps = float(torch.finfo(x0.dtype).eps)
     order: list[_Walker] = [_Walker(i / walkers, i) for i in range(walkers)]
     slots = walkers
@@ -196,6 +218,8 @@ def walk(
                     w.marks.append(w.t)
             rows = torch.arange(len(active))
             t, config, logits, rates, ex = ts, lp.configuration, lp.logits, lp.rates, lp.exit
+            first = [len(w.ts) for w in active]  # step index of each walker's pass point
+            pending = None  # grouped: the pass's summed split values per row
             packed = config.packed()
             if lp.tail is not None:
                 guard = lp.tail.head_guard
@@ -203,8 +227,13 @@ def walk(
             while True:  # the pass's step, then the tail's steps inside the head's region
                 nudge = torch.minimum(t + t.abs().clamp_min(1.0) * (16 * eps), one)
                 t_next = torch.where(ex > t, torch.minimum(ex, one), nudge)
-                if accumulate is not None:
-                    val = accumulate(config, logits, t, t_next)
+                if grouped:
+                    part = accumulate.tail(config, t, t_next)
+                    if pending is None:
+                        pending = part.new_zeros((len(active), *part.shape[1:]))
+                    pending.index_add_(0, rows.to(part.device), part)
+                elif per_step is not None:
+                    val = per_step(config, logits, t, t_next)
                     acc = _grow(acc, val, slots)
                     acc.index_add_(0, torch.tensor([active[j].slot for j in rows.tolist()],
                                                    device=val.device), val)
@@ -218,8 +247,8 @@ def walk(
                     w.maps.append(lr[i])
                     if keep_configurations:
                         w.confs.append(config[i])
-                    if accumulate is not None and w.passes <= SYNC_STEPS + 1:
-                        w.early.append(val[i].clone())
+                    if per_step is not None and w.passes <= SYNC_STEPS + 1:
+                        w.early.append((len(w.ts) - 1, val[i].clone()))
                     w.t = nxt[i]
                 steps += rows.numel()
                 if steps > max_pieces + len(order) * (SYNC_STEPS + 1):
@@ -235,9 +264,19 @@ def walk(
                 gates, logits, rates, tail_exit = configure_line_tail(
                     ob.program, lp.tail, rows, t, ob.tol)
                 packed = np.concatenate([head_bytes[rows.numpy()], gates.packed()], axis=1)
-                if accumulate is not None or keep_configurations:
+                if per_step is not None or keep_configurations:
                     config = with_head(lp.configuration, gates, lp.tail, rows)
+                else:
+                    config = gates  # the tail's gates: all a grouped accumulate reads
                 ex = torch.minimum(lp.tail.head_exit[rows], tail_exit)
+            if grouped:  # the pass's tail sums through the head gates, once per walker
+                val = accumulate.head(lp.configuration, pending)
+                acc = _grow(acc, val, slots)
+                acc.index_add_(0, torch.tensor([w.slot for w in active], device=val.device),
+                               val)
+                for j, w in enumerate(active):
+                    if w.passes <= SYNC_STEPS + 1:
+                        w.early.append((first[j], val[j].clone()))
             for w in active:
                 _advance(w, order, marks)
             bar.n = _covered(order)
@@ -270,10 +309,11 @@ def walk(
     total = None
     if accumulate is not None:
         total = torch.zeros_like(acc[0])
-        for w, m in chain:
+        for w, m in chain:  # each walker from its joined step on
             total += acc[w.slot]
-            for v in w.early[:m]:
-                total -= v
+            for step, v in w.early:
+                if step < m:
+                    total -= v
     # the predicted class at each piece's midpoint, from its region's affine logits
     pieces = [p._replace(prediction=int(np.argmax(lr[0] + (0.5 * (p.t_start + p.t_end) - t)
                                                    * lr[1])))
