@@ -189,3 +189,32 @@ def test_captum_style_interface_and_convergence_delta():
         ig.attribute(x, target=99)
     with pytest.raises(TypeError, match="nn.Module or an OpenBox"):
         ExactIntegratedGradients("model")
+
+
+@pytest.mark.parametrize("name, build, shape", [CASES[0], CASES[3]], ids=["cnn-max", "mlp"])
+def test_backward_split_composes_to_the_whole_backward(name, build, shape):
+    """backward_to (output -> the tail's split) then backward_from (split -> input) is
+    compose_backward's weight, and the whole equals torch autograd of the fixed network
+    at the point (float64)."""
+    from openbox.configuration import line_split
+    from openbox.linear_maps import backward_from, backward_to, compose_backward
+
+    model = build(6)
+    ob = openbox.OpenBox(model, shape)
+    x = _images(shape, 6, n=3, zeros=False)
+    split = line_split(ob.program)
+    assert split is not None
+    config = ob.configuration(x)
+    rows = torch.randn((3, 2, ob.num_classes), generator=torch.Generator().manual_seed(0),
+                       dtype=F64)
+    whole, _ = compose_backward(ob.program, config, rows)
+    mid = backward_to(ob.program, config, rows, split + 1)
+    assert mid.shape == (3, 2, *ob.program.shape_of(split + 1))
+    torch.testing.assert_close(backward_from(ob.program, config, mid, split + 1), whole,
+                               rtol=1e-12, atol=1e-12)
+    ref = copy.deepcopy(model).double()
+    for i in range(3):
+        xi = x[i : i + 1].clone().requires_grad_(True)
+        out = ref(xi)
+        (g,) = torch.autograd.grad((out * rows[i, 0]).sum(), xi)
+        torch.testing.assert_close(whole[i, 0], g[0], rtol=1e-10, atol=1e-10)
