@@ -866,9 +866,11 @@ class _LineRun(_ConfigurationRun):
         self.select[k] = sel
         self.index[k] = index
         a_s, d_s = (o.view(b, *sizes) for o in out[:2])
+        guarded = self._guarded(k)
+        band = self.rows.pool_guard_band(a_s, d_s, self.tol) if guarded else None
         for a_e, d_e, t_e in zip(av, dv, tied):
             self._exit(k, self.rows.pool_line_exit(a_e, d_e, a_s, d_s, t_e, self.tol,
-                                                   self._guarded(k)))
+                                                   guarded, band))
         return out.reshape(3 * b, *node.out_shape)
 
     def _maxpool_line_table(self, k, node: MaxPool, x, z):

@@ -544,8 +544,15 @@ def relu_line_exit(a: Tensor, d: Tensor, on: Tensor, tied: Tensor | None,
     return out, near.reshape(t.shape[0], -1).amin(dim=1)
 
 
+def pool_guard_band(a_s: Tensor, d_s: Tensor, tol: Tolerances) -> Tensor:
+    """The tie band :func:`pool_line_exit`'s guard keeps from a selected entry
+    ``a_s + t d_s``, at its widest over t in [0, 1]: ``GUARD_TIES tie (1 + |a_s| +
+    |d_s|)`` (the same for every position of a window: computed once per window)."""
+    return (GUARD_TIES * tol.tie) * (1 + a_s.abs() + d_s.abs())
+
+
 def pool_line_exit(a_e: Tensor, d_e: Tensor, a_s: Tensor, d_s: Tensor, tied: Tensor,
-                   tol: Tolerances, guard: bool = False):
+                   tol: Tolerances, guard: bool = False, band: Tensor | None = None):
     """(B,) the t at which window entry e of each max-pool window first reaches the
     selected entry s along the line ``x0 + t d``, the first over all windows (+inf if
     none rises to it); with ``guard`` also the first t at which such an entry comes within
@@ -557,6 +564,7 @@ def pool_line_exit(a_e: Tensor, d_e: Tensor, a_s: Tensor, d_s: Tensor, tied: Ten
     -inf). It falls when e rises faster than s and reaches zero at ``(a_s - a_e) / (d_e -
     d_s)``. An entry tied with the maximum (``tied``) that is the same function along d
     (the same-function tolerance both ways) stays tied over the line: never a facet.
+    ``band``: :func:`pool_guard_band` of (a_s, d_s), if already computed.
     """
     gap = d_e - d_s
     falling = gap > 0
@@ -569,6 +577,7 @@ def pool_line_exit(a_e: Tensor, d_e: Tensor, a_s: Tensor, d_s: Tensor, tied: Ten
     out = t.reshape(t.shape[0], -1).amin(dim=1)
     if not guard:
         return out
-    band = (GUARD_TIES * tol.tie) * (1 + a_s.abs() + d_s.abs())
+    if band is None:
+        band = pool_guard_band(a_s, d_s, tol)
     near = torch.where(falling, cross - band / gap, torch.inf)
     return out, near.reshape(t.shape[0], -1).amin(dim=1)
