@@ -13,9 +13,12 @@ inputs, not from the point, so the chain from any point of a region continues th
 the default walk (``method="batched"``) starts ``walkers`` points spread over [0, 1],
 configures them side by side in one pass per step, and joins a walker to the next one
 where it lands exactly on a point of that walker's chain. The result is the sequential
-walk's chain (``method="sequential"``), bit for bit. ``method="pointwise"`` is the walk
-before the line pass (one full configuration pass of the point itself per step), kept as
-the benchmark's baseline.
+walk's chain (``method="sequential"``), bit for bit. Facets of the program's tail (the
+gates after its last affine map) are crossed by running the tail alone
+(:func:`~openbox.configuration.configure_line_tail`) while no head gate comes near a tie,
+which gives what a pass would, bit for bit. ``method="pointwise"`` is the walk before the
+line pass (one full configuration pass of the point itself per step), kept as the
+benchmark's baseline.
 """
 
 from __future__ import annotations
