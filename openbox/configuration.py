@@ -311,9 +311,11 @@ def configure(
     *,
     record: bool = False,
     context: bytes = b"",
+    all_rates: bool = False,
 ) -> PassResult:
     """The configuration of x (B, *input_shape) under the tie-break along ``direction``,
-    with the logits, and the gate values if ``record``.
+    with the logits, and the gate values if ``record``; with ``all_rates`` the result's
+    ``rates`` are (D, B, C), the logits' derivatives along every direction.
 
     ``direction`` is (*input_shape), or (D, *input_shape) for a *lexicographic* tie-break:
     the configuration at ``x + t1 d1 + t2 d2 + ...`` for ``t1 >> t2 >> ... > 0`` (a walk
@@ -343,7 +345,8 @@ def configure(
     )
     gates = GateValues(run.values, run.derivatives, b, run.derivatives2 if n_dir > 1 else None) \
         if record else None
-    return PassResult(out[:b], config, gates, out[b : 2 * b])
+    rates = out[b:].reshape(n_dir, b, *out.shape[1:]) if all_rates else out[b : 2 * b]
+    return PassResult(out[:b], config, gates, rates)
 
 
 class _ConfigurationRun(Interpreter):

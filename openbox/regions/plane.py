@@ -35,7 +35,6 @@ from tqdm.auto import tqdm
 
 from openbox.configuration import RegionKey, configure
 from openbox.constraints import rows_in_plane
-from openbox.linear_maps import FixedForward
 
 DEFAULT_BATCH = 64
 """Frontier points configured per pass."""
@@ -513,13 +512,14 @@ def _combine(ab: Tensor, u: Tensor, v: Tensor) -> Tensor:
     return ab[:, 0].reshape(shape) * u + ab[:, 1].reshape(shape) * v
 
 
-def _plane_llc(ob, config, logits, u, v, pts):
-    """Per input j: (C, 2) d logits / d(a, b) and (C,) logits at (0, 0), by pushing u and v
-    through the network with input j's gates fixed."""
-    b = config.batch_size
-    push = torch.stack([u, v]).unsqueeze(0).expand(b, -1, *u.shape).reshape(-1, *u.shape)
-    out = FixedForward(config, with_bias=False).run(ob.program, push).reshape(b, 2, -1)
-    w = out.transpose(1, 2).double().cpu().numpy()  # (B, C, 2)
+def _plane_llc(logits: Tensor, rates: Tensor, pts: np.ndarray, ns: np.ndarray,
+               es: np.ndarray):
+    """Per input j: (C, 2) d logits / d(a, b) and (C,) logits at (0, 0) of its region's
+    affine map, from the pass's logits (B, C) at the points pts (B, 2) and its rates
+    (>= 2, B, C) along each point's n and e, orthonormal in (a, b) (ns, es (B, 2)): the
+    gradient in (a, b) is ``rate_n n + rate_e e``."""
+    rn, re = (r.double().cpu().numpy() for r in rates[:2])  # (B, C) each
+    w = rn[:, :, None] * ns[:, None, :] + re[:, :, None] * es[:, None, :]  # (B, C, 2)
     bias = logits.double().cpu().numpy() - np.einsum("bcd,bd->bc", w, pts)
     return w, bias
 
@@ -805,8 +805,8 @@ class _Walk:
         xs = self.x0 + _combine(as_t(pts), u, v)
         dn, de = _combine(as_t(ns), u, v), _combine(as_t(es), u, v)
         dirs = torch.stack([dn, de, ob.direction.expand_as(dn)])
-        logits, config, gates, _ = configure(ob.program, xs, dirs, ob.tol, record=True,
-                                             context=ob.key_context)
+        logits, config, gates, rates = configure(ob.program, xs, dirs, ob.tol, record=True,
+                                                 context=ob.key_context, all_rates=True)
         keys = config.region_keys()
         fresh, seen = [], set()
         for j, key in enumerate(keys):
@@ -814,7 +814,7 @@ class _Walk:
                 fresh.append(j)
                 seen.add(key)
         first = len(self.polys)
-        self._add_regions(config, gates, logits, pts, ns, es, fresh, keys)
+        self._add_regions(config, gates, logits, rates, pts, ns, es, fresh, keys)
         touched = self._record_crossings(edges, [self.index[k] for k in keys])
         new_open = self._open_edges(first)
         touched |= self._cover_by_known(first, new_open)
@@ -828,20 +828,22 @@ class _Walk:
         self.queue += [t for t in new_open if t in self.at]
         self.queue += [int(t) for t in edges if int(t) in self.at]
 
-    def _add_regions(self, config, gates, logits, pts, ns, es, fresh, keys):
-        """Clip the polygon of every fresh region and append it."""
+    def _add_regions(self, config, gates, logits, rates, pts, ns, es, fresh, keys):
+        """Clip the polygon of every fresh region and append it (``rates`` (3, B, C): the
+        logits' derivatives along each point's n, e and u)."""
         verts_list, guess = [], []
         for c0 in range(0, len(fresh), ROWS_CHUNK):
             part = fresh[c0:c0 + ROWS_CHUNK]
             if part == list(range(config.batch_size)):  # every point found a new region
-                c_sub, g_sub, l_sub = config, gates, logits
+                c_sub, g_sub, l_sub, r_sub = config, gates, logits, rates
             else:
                 sub = torch.as_tensor(part, dtype=torch.int64)
                 c_sub, g_sub, l_sub = config[sub], gates[sub], logits[sub]
+                r_sub = rates[:, sub.to(rates.device)]
             rows_of, layout = _half_planes(self.ob, c_sub, g_sub, pts[part], ns[part],
                                            es[part], self.start)
             hashes = self.states.hashes(c_sub, layout)
-            w_all, b_all = _plane_llc(self.ob, c_sub, l_sub, self.u, self.v, pts[part])
+            w_all, b_all = _plane_llc(l_sub, r_sub, pts[part], ns[part], es[part])
             clipped = _polygons(self.ob, [(*rows_of[f], pts[j]) for f, j in enumerate(part)],
                                 self.start)
             for f, j in enumerate(part):
