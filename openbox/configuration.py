@@ -221,6 +221,18 @@ class Configuration:
             else np.zeros((self.batch_size, 0), dtype=np.uint8)
         )
 
+    def packed_width(self, before: int) -> int:
+        """Bytes of a :meth:`packed` row that hold the gates of nodes before ``before``."""
+        n = 0
+        for k in sorted(set(self.on) | set(self.select)):
+            if k >= before:
+                break
+            if k in self.on:
+                n += (self.on[k][0].numel() + 7) // 8
+            else:
+                n += self.select[k].shape[1] * selection_dtype(self.window_sizes[k]).itemsize
+        return n
+
     @staticmethod
     def concat(configs: list[Configuration]) -> Configuration:
         """Join configurations of consecutive sub-batches."""
@@ -863,11 +875,7 @@ class _LineRun(_ConfigurationRun):
         dv = [view(xflat, r, r, o) for o in offsets]
         uv = [view(xflat, 2 * r, r, o) for o in offsets]
         sel, tied = self._pool_choose(v, value, [dv, uv])
-        index = node.window.to(sel.device)[
-            torch.arange(sel.shape[1], device=sel.device), sel]  # (B, n_out)
-        out = torch.gather(a3.expand(3, b, -1), 2, index.unsqueeze(0).expand(3, -1, -1))
-        self.select[k] = sel
-        self.index[k] = index
+        out = self._line_selected(k, node, sel, a3)
         a_s, d_s = (o.view(b, *sizes) for o in out[:2])
         guarded = self._guarded(k)
         band = self.rows.pool_guard_band(a_s, d_s, self.tol) if guarded else None
@@ -875,6 +883,15 @@ class _LineRun(_ConfigurationRun):
             self._exit(k, self.rows.pool_line_exit(a_e, d_e, a_s, d_s, t_e, self.tol,
                                                    guarded, band))
         return out.reshape(3 * b, *node.out_shape)
+
+    def _line_selected(self, k, node: MaxPool, sel: Tensor, a3: Tensor) -> Tensor:
+        """Record the selection sel (B, n_out) of max-pool node k and return the three
+        streams a3 (3, R, n_in) at the selected entries: (3, B, n_out)."""
+        window = node.window.to(sel.device)
+        index = window[torch.arange(window.shape[0], device=sel.device), sel]
+        self.select[k] = sel
+        self.index[k] = index
+        return torch.gather(a3.expand(3, self.b, -1), 2, index.unsqueeze(0).expand(3, -1, -1))
 
     def _maxpool_line_table(self, k, node: MaxPool, x, z):
         """:meth:`maxpool` on a window table that is not a regular grid (padding, wide or
@@ -884,12 +901,7 @@ class _LineRun(_ConfigurationRun):
         zi = node.gather(z)  # (B, n_out, K)
         ent = node.gather(x).reshape(3, r, *zi.shape[1:])  # (3, R, n_out, K)
         sel, tied = self._pool_choose_dense(zi, zi.amax(dim=2, keepdim=True), (ent[1], ent[2]))
-        window = node.window.to(sel.device)
-        index = window[torch.arange(window.shape[0], device=sel.device), sel]
-        self.select[k] = sel
-        self.index[k] = index
-        a3 = x.reshape(3, r, -1)
-        out = torch.gather(a3.expand(3, b, -1), 2, index.unsqueeze(0).expand(3, -1, -1))
+        out = self._line_selected(k, node, sel, x.reshape(3, r, -1))
         self._exit(k, self.rows.pool_line_exit(
             ent[0], ent[1], out[0].unsqueeze(2), out[1].unsqueeze(2), tied, self.tol,
             self._guarded(k)))

@@ -39,7 +39,6 @@ from openbox.configuration import (
     configure_line_tail,
     keys_of,
     line_split,
-    selection_dtype,
     with_head,
 )
 from openbox.constraints import step_along
@@ -200,9 +199,7 @@ def walk(
     acc = None
     steps = 0
     one = torch.ones((), dtype=torch.float64)
-    bar = tqdm(total=1.0, desc="segment", unit="t", leave=False,
-               disable=not (True if progress is None else progress),
-               bar_format="{l_bar}{bar}| {n:.3f} of t [{elapsed}, {postfix}]")
+    bar = _bar(progress)
     with bar, torch.no_grad():
         while True:
             active = [w for w in order if not w.done]
@@ -226,7 +223,7 @@ def walk(
             packed = config.packed()
             if lp.tail is not None:
                 guard = lp.tail.head_guard
-                head_bytes = packed[:, : _head_bytes(config, lp.tail.split)]
+                head_bytes = packed[:, : config.packed_width(lp.tail.split)]
             while True:  # the pass's step, then the tail's steps inside the head's region
                 nudge = torch.minimum(t + t.abs().clamp_min(1.0) * (16 * eps), one)
                 t_next = torch.where(ex > t, torch.minimum(ex, one), nudge)
@@ -324,18 +321,11 @@ def walk(
     return pieces, (kept if keep_configurations else None), total
 
 
-def _head_bytes(config: Configuration, split: int) -> int:
-    """Bytes of the packed configuration (:meth:`Configuration.packed`) that hold the
-    gates before node ``split``."""
-    n = 0
-    for k in sorted(set(config.on) | set(config.select)):
-        if k > split:
-            break
-        if k in config.on:
-            n += (config.on[k][0].numel() + 7) // 8
-        else:
-            n += config.select[k].shape[1] * selection_dtype(config.window_sizes[k]).itemsize
-    return n
+def _bar(progress: bool | None) -> tqdm:
+    """The walks' progress bar over t on stderr (default on)."""
+    return tqdm(total=1.0, desc="segment", unit="t", leave=False,
+                disable=not (True if progress is None else progress),
+                bar_format="{l_bar}{bar}| {n:.3f} of t [{elapsed}, {postfix}]")
 
 
 def _grow(acc: Tensor | None, val: Tensor, slots: int) -> Tensor:
@@ -419,9 +409,7 @@ def _walk_pointwise(ob, x0: Tensor, x1: Tensor, *, max_pieces: int, progress: bo
     t = torch.zeros(1, dtype=torch.float64)
     pieces: list[Piece] = []
     kept: list[Configuration] = []
-    bar = tqdm(total=1.0, desc="segment", unit="t", leave=False,
-               disable=not (True if progress is None else progress),
-               bar_format="{l_bar}{bar}| {n:.3f} of t [{elapsed}, {postfix}]")
+    bar = _bar(progress)
     with bar, torch.no_grad():
         while float(t) < 1.0:
             x = x0 + t.to(x0.dtype).reshape(-1, *[1] * direction.dim()) * (x1 - x0)
