@@ -7,6 +7,7 @@ brute-force grid on a network with a 2-D input, and plain geometry (areas, overl
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import networkx as nx
 import numpy as np
@@ -377,3 +378,53 @@ def test_max_regions_stops_the_walk_with_a_part_of_the_full_map():
     area = {p.region_key: p.area for p in full.polygons}
     for p in part.polygons:
         assert p.area == pytest.approx(area[p.region_key], rel=1e-9)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_rows_in_plane_near_is_the_dense_rows_filtered(dtype):
+    """rows_in_plane(near=...) forms only the rows whose line passes within near of each
+    input: exactly the dense rows (same values, bit for bit) with slack < near (|rate1| +
+    |rate2|) and a rate not 0, on ReLUs and on max-pools with padding and overlapping
+    windows, at generic points and at tied ones (a zero background: tied windows)."""
+    from collections import OrderedDict
+
+    from openbox.configuration import configure
+    from openbox.constraints import rows_in_plane
+
+    layers = OrderedDict(conv1=torch.nn.Conv2d(1, 3, 3, padding=1), relu1=torch.nn.ReLU(),
+                         pool1=torch.nn.MaxPool2d(3, stride=2, padding=1),
+                         conv2=torch.nn.Conv2d(3, 4, 3, padding=1), relu2=torch.nn.ReLU(),
+                         pool2=torch.nn.MaxPool2d(2), flatten=torch.nn.Flatten(),
+                         fc=torch.nn.Linear(4 * 2 * 2, 3))
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(layers).eval()
+    with torch.no_grad():
+        model.conv1.bias.zero_()  # a zero input ties every unit of the first layer
+    ob = openbox.OpenBox(model, (1, 10, 10), dtype=dtype)
+    g = torch.Generator().manual_seed(5)
+    xs = torch.rand((6, 1, 10, 10), generator=g, dtype=dtype)
+    xs[0] = 0.0
+    xs[1, :, :5] = 0.0
+    dirs = torch.randn((2, 6, 1, 10, 10), generator=g, dtype=dtype)
+    dirs = torch.cat([dirs, ob.direction.expand(1, 6, 1, 10, 10)])
+    near = torch.tensor([0.0, 1e-3, 0.05, 0.3, 2.0, float("inf")], dtype=dtype)
+    # the OpenBox's tolerances, and coarse ones under which many rows tie without being
+    # equal (their slack is set to 0) and many ties are flat along both directions
+    coarse = dataclasses.replace(ob.tol, tie=0.05, same_function=0.05)
+    for tol in (ob.tol, coarse):
+        _, config, gates, _ = configure(ob.program, xs, dirs, tol, record=True)
+        dense = rows_in_plane(ob.program, config, gates, tol)
+        sparse = rows_in_plane(ob.program, config, gates, tol, near=near)
+        assert [k for k, *_ in dense] == [k for k, *_ in sparse]
+        kinds, kept = set(), 0
+        for (k, s, r1, r2), (_, m, index, s2, q1, q2) in zip(dense, sparse):
+            assert m == s.shape[1]
+            want = (s < near[:, None] * (r1.abs() + r2.abs())) & ((r1 != 0) | (r2 != 0))
+            np.testing.assert_array_equal(index.numpy(), np.flatnonzero(want.numpy()))
+            for a, b in ((s, s2), (r1, q1), (r2, q2)):
+                assert a.dtype == b.dtype
+                np.testing.assert_array_equal(a.reshape(-1)[index].numpy(), b.numpy())
+            kinds.add(type(ob.program.nodes[k]).__name__)
+            kept += len(index)
+            assert 0 < len(index) < want.numel()
+        assert kinds == {"ReLU", "MaxPool"} and kept > 0

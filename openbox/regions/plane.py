@@ -355,33 +355,45 @@ def _half_planes(ob, config, gates, pts: np.ndarray, ns: np.ndarray, es: np.ndar
     :func:`rows_in_plane`'s layout (the edge labels), ``dist`` their lines' L-infinity
     distance from pts[f]. One rows_in_plane call for the whole batch. Also the layout:
     [(gate node k, rows of gate k)] in row order."""
-    parts = rows_in_plane(ob.program, config, gates, ob.tol)
     f = config.batch_size
-    layout = [(k, int(t.shape[1])) for k, t, _, _ in parts]
-    if not parts:  # no gates: one region, the whole plane
-        none = (np.zeros((0, 2)), np.zeros(0), np.zeros(0, dtype=np.int64), np.zeros(0))
-        return [none] * f, layout
-    cat = lambda i: torch.cat([t[i] for t in parts], dim=1).double().cpu().numpy()  # noqa: E731
-    s, r1, r2 = cat(1), cat(2), cat(3)  # (F, M)
     size0 = np.abs(start[None] - pts[:, None]).sum(axis=2).max(axis=1)  # (F,)
-    # a superset of the rows that can cut (slack / |w|_1 is their distance up to rounding,
-    # a margin far above it keeps every one); the exact test follows on these few. No
+    # a superset of the rows that can cut: slack <= |w|_1 reach, w = rate1 n + rate2 e the
+    # row's gradient in (a, b) (slack / |w|_1 is its line's distance up to rounding, a
+    # margin far above it keeps every one); the exact test follows on these few. No
     # separate test for infinite slack (padding) or w = 0 (a tied flat row has slack 0):
     # the first fails the comparison, the second the exact test
-    wa = r1 * ns[:, None, 0]
-    wa += r2 * es[:, None, 0]
-    np.abs(wa, out=wa)
-    wb = r1 * ns[:, None, 1]
-    wb += r2 * es[:, None, 1]
-    wa += np.abs(wb, out=wb)
-    wa *= (size0 + NEAR_SLACK * (size0 + np.abs(pts).sum(axis=1)))[:, None]
-    maybe = s <= wa
+    reach = size0 + NEAR_SLACK * (size0 + np.abs(pts).sum(axis=1))  # (F,)
+    # rows_in_plane's own first cut, in torch before any row is gathered: with (n, e)
+    # orthonormal, |w|_1 <= sqrt(2) |w|_2 <= sqrt(2) (|rate1| + |rate2|), so every row of
+    # the superset has slack < 2 reach (|rate1| + |rate2|) (2 over sqrt(2): far above
+    # rounding)
+    parts = rows_in_plane(ob.program, config, gates, ob.tol,
+                          near=torch.as_tensor(2.0 * reach, dtype=ob.dtype, device=ob.device))
+    layout = [(k, m) for k, m, *_ in parts]
+    none = (np.zeros((0, 2)), np.zeros(0), np.zeros(0, dtype=np.int64), np.zeros(0))
+    if not parts:  # no gates: one region, the whole plane
+        return [none] * f, layout
+    offsets = np.cumsum([0] + [m for _, m in layout])
+    flat = lambda i: torch.cat([t[i] for t in parts]).cpu().numpy()  # noqa: E731
+    index = flat(2)
+    widths = np.repeat([m for _, m in layout], [len(t[2]) for t in parts])
+    input_of = index // widths
+    row = index % widths + np.repeat(offsets[:-1], [len(t[2]) for t in parts])
+    order = np.lexsort((row, input_of))  # by input, then row (the dense layout's order)
+    input_of, row = input_of[order], row[order]
+    s, r1, r2 = (torch.cat([t[i] for t in parts]).double().cpu().numpy()[order]
+                 for i in (3, 4, 5))
+    bounds = np.searchsorted(input_of, np.arange(f + 1))
     out = []
     for i in range(f):
-        rows = np.flatnonzero(maybe[i])
-        w = r1[i, rows, None] * ns[i] + r2[i, rows, None] * es[i]  # (m, 2)
+        at = slice(bounds[i], bounds[i + 1])
+        rows, s_i, r1_i, r2_i = row[at], s[at], r1[at], r2[at]
+        wa = np.abs(r1_i * ns[i, 0] + r2_i * es[i, 0]) + np.abs(r1_i * ns[i, 1] + r2_i * es[i, 1])
+        maybe = s_i <= wa * reach[i]
+        rows, s_i, r1_i, r2_i = rows[maybe], s_i[maybe], r1_i[maybe], r2_i[maybe]
+        w = r1_i[:, None] * ns[i] + r2_i[:, None] * es[i]  # (m, 2)
         # slack + (q - p) . w >= 0  <=>  -w . q <= slack - w . p
-        G, h = -w, s[i, rows] - w @ pts[i]
+        G, h = -w, s_i - w @ pts[i]
         keep = np.isfinite(h) & ((G[:, 0] != 0) | (G[:, 1] != 0))
         G, h, rows = G[keep], h[keep], rows[keep]
         dist = (h - G @ pts[i]) / np.maximum(np.abs(G).sum(axis=1), 1e-300)
