@@ -383,23 +383,30 @@ def _half_planes(ob, config, gates, pts: np.ndarray, ns: np.ndarray, es: np.ndar
     input_of, row = input_of[order], row[order]
     s, r1, r2 = (torch.cat([t[i] for t in parts]).double().cpu().numpy()[order]
                  for i in (3, 4, 5))
-    bounds = np.searchsorted(input_of, np.arange(f + 1))
-    out = []
-    for i in range(f):
-        at = slice(bounds[i], bounds[i + 1])
-        rows, s_i, r1_i, r2_i = row[at], s[at], r1[at], r2[at]
-        wa = np.abs(r1_i * ns[i, 0] + r2_i * es[i, 0]) + np.abs(r1_i * ns[i, 1] + r2_i * es[i, 1])
-        maybe = s_i <= wa * reach[i]
-        rows, s_i, r1_i, r2_i = rows[maybe], s_i[maybe], r1_i[maybe], r2_i[maybe]
-        w = r1_i[:, None] * ns[i] + r2_i[:, None] * es[i]  # (m, 2)
-        # slack + (q - p) . w >= 0  <=>  -w . q <= slack - w . p
-        G, h = -w, s_i - w @ pts[i]
-        keep = np.isfinite(h) & ((G[:, 0] != 0) | (G[:, 1] != 0))
-        G, h, rows = G[keep], h[keep], rows[keep]
-        dist = (h - G @ pts[i]) / np.maximum(np.abs(G).sum(axis=1), 1e-300)
-        near = dist <= size0[i]
-        out.append((G[near], h[near], rows[near], dist[near]))
-    return out, layout
+    # the exact test as one batch over every input's near rows (sorted by input, then row);
+    # each input's products with its own point go through the same matmul as one input's
+    # rows alone (its rounding is part of the map)
+    ni, ei, reach = ns[input_of], es[input_of], reach[input_of]
+    wa = np.abs(r1 * ni[:, 0] + r2 * ei[:, 0]) + np.abs(r1 * ni[:, 1] + r2 * ei[:, 1])
+    maybe = s <= wa * reach
+    input_of, row, s, r1, r2 = input_of[maybe], row[maybe], s[maybe], r1[maybe], r2[maybe]
+    w = r1[:, None] * ns[input_of] + r2[:, None] * es[input_of]  # (P, 2)
+
+    def each_point(a: np.ndarray) -> np.ndarray:
+        """(P,) row i of a (P, 2) times its input's point."""
+        at = np.searchsorted(input_of, np.arange(f + 1))
+        return np.concatenate([a[at[i]:at[i + 1]] @ pts[i] for i in range(f)])
+
+    # slack + (q - p) . w >= 0  <=>  -w . q <= slack - w . p
+    G, h = -w, s - each_point(w)
+    keep = np.isfinite(h) & ((G[:, 0] != 0) | (G[:, 1] != 0))
+    G, h, row, input_of = G[keep], h[keep], row[keep], input_of[keep]
+    dist = (h - each_point(G)) / np.maximum(np.abs(G).sum(axis=1), 1e-300)
+    near = dist <= size0[input_of]
+    G, h, row, dist, input_of = G[near], h[near], row[near], dist[near], input_of[near]
+    at = np.searchsorted(input_of, np.arange(f + 1))
+    return [(G[at[i]:at[i + 1]], h[at[i]:at[i + 1]], row[at[i]:at[i + 1]],
+             dist[at[i]:at[i + 1]]) for i in range(f)], layout
 
 
 def _polygons(ob, items, start: np.ndarray):
