@@ -390,14 +390,16 @@ class _ConfigurationRun(Interpreter):
             y[: self.b] += node.bias
         return y
 
-    def _relu_on(self, z: Tensor, dzs) -> tuple[Tensor, Tensor | None]:
+    def _relu_on(self, z: Tensor, dzs, rest: bool = False):
         """The lexicographic ReLU rule: (on (B, *shape), tied or None when nothing ties)
         for gate inputs z (B, *shape) with derivatives ``dzs[i]`` (B or 1, *shape) along
-        each direction in order; counts the tied moving inputs into ``n_relu``."""
+        each direction in order; counts the tied moving inputs into ``n_relu``. With
+        ``rest`` also the tied inputs no direction decided (None when nothing ties): a
+        later direction would decide them (here they are taken as constant: off)."""
         on = z > 0
         tied = self.tol.relu_tied(z)
         if not bool(tied.any()):
-            return on, None
+            return (on, None, None) if rest else (on, None)
         # lexicographic: the first direction along which the input moves decides
         decided = ~tied
         moving_any = torch.zeros_like(tied)
@@ -406,9 +408,10 @@ class _ConfigurationRun(Interpreter):
             on = torch.where(moving, dz > 0, on)
             decided |= moving
             moving_any |= moving
-        on = torch.where(tied & ~moving_any, torch.zeros_like(on), on)  # constant: off
+        undecided = tied & ~moving_any
+        on = torch.where(undecided, torch.zeros_like(on), on)  # constant: off
         self.n_relu += (tied & moving_any).reshape(z.shape[0], -1).sum(1)
-        return on, tied
+        return (on, tied, undecided) if rest else (on, tied)
 
     def relu(self, k, node: ReLU, x):
         b = self.b
@@ -467,7 +470,7 @@ class _ConfigurationRun(Interpreter):
         for e in v[2:]:
             torch.maximum(value, e, out=value)
         dviews = [[view(b * (i + 1), b, o) for o in offsets] for i in range(n_dir)]
-        sel, _ = self._pool_choose(v, value, dviews)
+        sel, _, _ = self._pool_choose(v, value, dviews)
         window = node.window.to(sel.device)
         index = torch.gather(window.unsqueeze(0).expand(b, -1, -1), 2, sel.unsqueeze(2))
         index = index.squeeze(2)
@@ -478,12 +481,14 @@ class _ConfigurationRun(Interpreter):
         self.index[k] = index
         return out
 
-    def _pool_choose(self, v, value, dviews) -> tuple[Tensor, list[Tensor]]:
+    def _pool_choose(self, v, value, dviews) -> tuple[Tensor, list[Tensor], list[Tensor]]:
         """The lexicographic max-pool rule on a regular window grid: v is K views
         (B, *out_shape), one per window position, of the gate input's values; value their
         maximum; ``dviews[i]`` the K views (B or 1, *out_shape) of the derivatives along
-        direction i. Returns (sel (B, n_out) int64, the window position chosen, and the
-        K tied masks); counts the ties between different functions into ``n_pool``."""
+        direction i. Returns (sel (B, n_out) int64, the window position chosen, the K
+        tied masks, and the K masks of the entries still tied after the last direction,
+        the chosen one among them); counts the ties between different functions into
+        ``n_pool``."""
         b = value.shape[0]
         floor = self.tol.pool_floor(value)  # tol.pool_tied, its bound computed once
         tied = [e >= floor for e in v]
@@ -506,7 +511,7 @@ class _ConfigurationRun(Interpreter):
         lead *= (~none).view(torch.uint8)
         for t, s in zip(tied, same):  # tied but not the same function (same <= tied)
             self.n_pool += t.view(b, -1).sum(1) - s.reshape(b, -1).sum(1)
-        return lead.view(b, -1).to(torch.int64), tied
+        return lead.view(b, -1).to(torch.int64), tied, same
 
     def _maxpool_table(self, k, node: MaxPool, x):
         b = self.b
@@ -516,7 +521,7 @@ class _ConfigurationRun(Interpreter):
         out = x.new_empty((x.shape[0], *node.out_shape))
         value = out[:b].view(b, -1, 1)
         torch.amax(v, dim=2, keepdim=True, out=value)
-        sel, _ = self._pool_choose_dense(v, value, dv.unbind(0))
+        sel, _, _ = self._pool_choose_dense(v, value, dv.unbind(0))
         self.select[k] = sel
         window = node.window.to(sel.device)
         self.index[k] = window[torch.arange(window.shape[0], device=sel.device), sel]
@@ -524,10 +529,11 @@ class _ConfigurationRun(Interpreter):
         torch.gather(dv, 3, idx, out=out[b:].view(self.n_dir, b, -1, 1))
         return out
 
-    def _pool_choose_dense(self, v, value, dvs) -> tuple[Tensor, Tensor]:
+    def _pool_choose_dense(self, v, value, dvs) -> tuple[Tensor, Tensor, Tensor]:
         """:meth:`_pool_choose` on gathered windows: v (B, n_out, K) values (padding
         -inf), value (B, n_out, 1) their maximum, ``dvs[i]`` (B or 1, n_out, K) the
-        derivatives along direction i. Returns (sel (B, n_out), tied (B, n_out, K))."""
+        derivatives along direction i. Returns (sel (B, n_out), tied (B, n_out, K), same
+        (B, n_out, K): the entries still tied after the last direction)."""
         tied = v >= self.tol.pool_floor(value)
         same = tied
         for dv in dvs:  # keep the entries that rise fastest, direction by direction
@@ -535,7 +541,7 @@ class _ConfigurationRun(Interpreter):
             same = same & (masked >= self.tol.slope_floor(masked.amax(dim=2, keepdim=True)))
         sel = same.to(torch.uint8).argmax(dim=2)  # first True: lowest window position
         self.n_pool += (tied & ~same).reshape(v.shape[0], -1).sum(1)
-        return sel, tied
+        return sel, tied, same
 
 
 _POOL_GRIDS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -603,8 +609,9 @@ class LineTail(NamedTuple):
 
     Attributes:
         split: the tail starts after node ``split``.
-        value: (3, R, ...) the three streams out of node ``split`` (R = 1 when they do
-            not depend on the point, else B).
+        value: (2, R, ...) the intercept and d streams out of node ``split`` (R = 1 when
+            they do not depend on the point, else B). The tail runs without the u stream
+            (see :func:`configure_line`); ``u_input`` gives it where a tie needs it.
         head_exit: (B,) float64 CPU, the exit of the gates up to ``split`` alone; the
             pass's ``exit`` is the smaller of it and ``tail_exit``.
         head_guard: (B,) float64 CPU, <= head_exit: below it no head gate input comes
@@ -613,6 +620,7 @@ class LineTail(NamedTuple):
             that pass's result).
         tail_exit: (B,) float64 CPU, the exit of the tail's gates.
         head_tight: ((B,) ReLU, (B,) max-pool) tied-input counts of the head's gates.
+        u_input: (R, ...) the u stream into node ``split``.
     """
 
     split: int
@@ -621,6 +629,7 @@ class LineTail(NamedTuple):
     head_guard: Tensor
     tail_exit: Tensor
     head_tight: tuple[Tensor, Tensor]
+    u_input: Tensor
 
 
 def line_split(program: Program) -> int | None:
@@ -672,6 +681,14 @@ def configure_line(
     whatever point of a region it starts from (what lets :func:`openbox.regions.segment`
     walk sub-segments side by side and join them exactly).
 
+    With ``split``, the tail (the nodes after it) runs on the intercept and d streams
+    only: u decides a tail gate only where d leaves a tie (a tied ReLU input constant
+    along d, max-pool entries that are the same function along d), and a max-pool entry
+    that a ReLU before it (no negative slope) switched off has u rate exactly 0, so it
+    is known without the stream. Points with any other such tie get their tail again
+    with all three streams (:func:`_tail_with_u`): the result is the three-stream pass's,
+    bit for bit, at about two thirds of the tail's cost.
+
     Args:
         x0: (1, *input_shape) or (*input_shape) the line's point at t = 0.
         direction: (*input_shape) d.
@@ -697,16 +714,21 @@ def configure_line(
         run.on, run.select, run.index, run.n_relu, run.n_pool,
         {k: int(program.nodes[k].window.shape[1]) for k in run.select}, context,
     )
-    head, tail_exit = _exits(run)
-    logits, rates = _line_logits(out, t)
     if split is None:
+        head, tail_exit = _exits(run)
+        logits, rates = _line_logits(out, t, run.blocks)
         return LinePass(config, logits, rates, torch.minimum(head, tail_exit))
-    value = run.tail_value.reshape(3, -1, *run.tail_value.shape[1:])
+    value = run.tail_value.reshape(2, -1, *run.tail_value.shape[1:])
+    out = _tail_with_u(program, tol, run, out, t, value, run.tail_u, run.head_tight,
+                       constraints)
+    head, tail_exit = _exits(run)
+    logits, rates = _line_logits(out, t, run.blocks)
     guard = run.guard_head.double().cpu()
     if bool(guard.isnan().any()):
         raise RuntimeError("NaN in a region's guard along the line")
     return LinePass(config, logits, rates, torch.minimum(head, tail_exit),
-                    LineTail(split, value, head, guard, tail_exit, run.head_tight))
+                    LineTail(split, value, head, guard, tail_exit, run.head_tight,
+                             run.tail_u))
 
 
 def configure_line_tail(
@@ -735,21 +757,62 @@ def configure_line_tail(
     from openbox import constraints
 
     t = torch.as_tensor(t).reshape(-1).to(dtype=tail.value.dtype, device=tail.value.device)
-    value = tail.value
+    value, u_input = tail.value, tail.u_input
     if value.shape[1] != 1:
         value = value.index_select(1, rows.to(value.device))
-    run = _LineRun(program, tol, t, constraints, tail.split)
-    x = value.reshape(-1, *value.shape[2:])
+        u_input = u_input.index_select(0, rows.to(value.device))
     with torch.no_grad():
-        for k in range(tail.split + 1, len(program.nodes)):
-            x = run.dispatch(k, program.nodes[k], [x])
+        run = _LineRun(program, tol, t, constraints, tail.split, blocks=2)
+        x = _run_tail(program, run, value.reshape(-1, *value.shape[2:]))
+        zero = torch.zeros_like(run.n_relu)
+        x = _tail_with_u(program, tol, run, x, t, value, u_input, (zero, zero), constraints)
     config = Configuration(
         run.on, run.select, run.index, run.n_relu, run.n_pool,
         {k: int(program.nodes[k].window.shape[1]) for k in run.select}, b"",
     )
     _, tail_exit = _exits(run)
-    logits, rates = _line_logits(x, t)
+    logits, rates = _line_logits(x, t, run.blocks)
     return config, logits, rates, tail_exit
+
+
+def _run_tail(program: Program, run: _LineRun, x: Tensor) -> Tensor:
+    """Run the nodes after ``run.split`` on x (the streams out of the split node)."""
+    for k in range(run.split + 1, len(program.nodes)):
+        x = run.dispatch(k, program.nodes[k], [x])
+    return x
+
+
+def _tail_with_u(program: Program, tol: Tolerances, run: _LineRun, out: Tensor, t: Tensor,
+                 value: Tensor, u_input: Tensor, base: tuple[Tensor, Tensor],
+                 constraints) -> Tensor:
+    """Redo, with the u stream, the tail of the points whose two-stream tail (``run``,
+    output ``out`` (2B, ...)) met a tie only u decides (``run.need_u``), and write their
+    gates, tied counts (``base``: the counts before the tail), tail exits and outputs into
+    ``run`` and ``out``. ``value`` (2, R, ...) and ``u_input`` (R, ...): the streams out
+    of and into the split node for the points of ``run`` (R = 1: shared by all)."""
+    if run.need_u is None or not bool(run.need_u.any()):
+        return out
+    rows = run.need_u.nonzero().flatten()
+    node = program.nodes[run.split]
+    pick = (lambda v, dim: v) if value.shape[1] == 1 else \
+        (lambda v, dim: v.index_select(dim, rows))  # noqa: E731
+    a, d = pick(value, 1).unbind(0)
+    u = node.op.apply(pick(u_input, 0))
+    if a.shape[0] != rows.numel():
+        a, d, u = (v.expand(rows.numel(), *v.shape[1:]) for v in (a, d, u))
+    sub = _LineRun(program, tol, t.index_select(0, rows), constraints, run.split, blocks=3)
+    res = _run_tail(program, sub, torch.cat([a, d, u]))
+    for k in sub.on:
+        run.on[k][rows] = sub.on[k]
+    for k in sub.select:
+        run.select[k][rows] = sub.select[k]
+        run.index[k][rows] = sub.index[k]
+    run.n_relu[rows] = base[0].index_select(0, rows) + sub.n_relu
+    run.n_pool[rows] = base[1].index_select(0, rows) + sub.n_pool
+    run.exit_tail[rows] = sub.exit_tail
+    out = out.clone()
+    out.view(2, -1, *out.shape[1:])[:, rows] = res.view(3, -1, *res.shape[1:])[:2]
+    return out
 
 
 def with_head(head: Configuration, gates: Configuration, tail: LineTail,
@@ -781,10 +844,10 @@ def _exits(run) -> tuple[Tensor, Tensor]:
     return head, tail
 
 
-def _line_logits(out: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
-    """(logits, rates) (B, C) from the output streams (3R, C) of a line run."""
+def _line_logits(out: Tensor, t: Tensor, blocks: int) -> tuple[Tensor, Tensor]:
+    """(logits, rates) (B, C) from the output streams (blocks R, C) of a line run."""
     b = t.shape[0]
-    out = out.reshape(3, -1, *out.shape[1:]).expand(3, b, *out.shape[1:])
+    out = out.reshape(blocks, -1, *out.shape[1:]).expand(blocks, b, *out.shape[1:])
     return torch.addcmul(out[0], out[1], t.reshape(-1, *[1] * (out.dim() - 2))), out[1]
 
 
@@ -792,19 +855,43 @@ class _LineRun(_ConfigurationRun):
     """One run of :func:`configure_line`: every value is three stacked blocks ``[a; d; u]``
     of R rows each, R = 1 before the first gate (shared by all points) and B after it. The
     first block is the affine intercept (biases on), the others rates (no biases); gates
-    act on all three blocks alike, as chosen from the values ``a + t d``."""
+    act on all three blocks alike, as chosen from the values ``a + t d``.
+
+    With a ``split``, the split node drops the u block (``blocks`` becomes 2; it keeps
+    its u input in ``tail_u``) and the tail's gates decide on ``[a; d]``, marking in
+    ``need_u`` the points with a tie only u would decide (see :func:`configure_line`).
+    A run of the tail alone starts with ``blocks`` 2 or 3."""
 
     def __init__(self, program: Program, tol: Tolerances, t: Tensor, rows,
-                 split: int | None = None):
+                 split: int | None = None, blocks: int = 3):
         super().__init__(program, tol, False, t.shape[0], 2, t.device)
         self.t = t
         self.rows = rows  # openbox.constraints: the exits of the rows
         self.split = split
+        self.blocks = blocks
         self.exit_head = torch.full((t.shape[0],), torch.inf, dtype=t.dtype, device=t.device)
         self.exit_tail = self.exit_head.clone()
         self.guard_head = self.exit_head.clone()
         self.tail_value: Tensor | None = None
+        self.tail_u: Tensor | None = None
+        self.need_u: Tensor | None = None  # (B,) bool, with blocks == 2
         self.head_tight = (self.n_relu, self.n_pool)
+
+    def _need_u(self, mask: Tensor) -> None:
+        """Mark the points with any True in mask (B, ...): their tail needs u."""
+        rows = mask.reshape(self.b, -1).any(dim=1)
+        self.need_u = rows if self.need_u is None else self.need_u | rows
+
+    def _u_open(self, k: int, views) -> list[Tensor] | None:
+        """For max-pool node k of a two-block run: per window position, the entries whose
+        u rate may be nonzero (``views(mask)`` lays a (B, n_in) mask out as the pool's
+        entries); None when every entry may. An entry of a ReLU output without negative
+        slope that the ReLU switched off has u rate exactly 0."""
+        j = self.program.nodes[k].inputs[0] - 1  # the node whose value it reads
+        node = self.program.nodes[j] if j >= 0 else None
+        if not isinstance(node, ReLU) or node.negative_slope or j not in self.on:
+            return None
+        return views(self.on[j].reshape(self.b, -1).contiguous())
 
     def _guarded(self, k: int) -> bool:
         """Gate node k is in the head of a run that keeps a tail: track its guard too."""
@@ -825,9 +912,14 @@ class _LineRun(_ConfigurationRun):
         return self.t.reshape(-1, *[1] * (dim - 1))
 
     def affine(self, k, node, x):
+        if k == self.split and self.split is not None and self.blocks == 3:
+            r = x.shape[0] // 3
+            self.tail_u = x[2 * r :]  # the tail runs on [a; d] (see configure_line)
+            x = x[: 2 * r]
+            self.blocks = 2
         y = node.op.apply(x)
         if node.bias is not None:
-            y[: x.shape[0] // 3] += node.bias
+            y[: x.shape[0] // self.blocks] += node.bias
         if k == self.split:
             self.tail_value = y
             self.head_tight = (self.n_relu.clone(), self.n_pool.clone())
@@ -835,26 +927,33 @@ class _LineRun(_ConfigurationRun):
 
     def add(self, k, node, a, b):
         if a.shape[0] != b.shape[0]:  # one side still shared by all points
-            a, b = (v.reshape(3, -1, *v.shape[1:]).expand(3, self.b, *v.shape[1:])
-                    .reshape(3 * self.b, *v.shape[1:]) for v in (a, b))
+            nb = self.blocks
+            a, b = (v.reshape(nb, -1, *v.shape[1:]).expand(nb, self.b, *v.shape[1:])
+                    .reshape(nb * self.b, *v.shape[1:]) for v in (a, b))
         return node.forward(a, b)
 
     def relu(self, k, node: ReLU, x):
-        a, d, u = x.reshape(3, -1, *x.shape[1:]).unbind(0)
+        xs = x.reshape(self.blocks, -1, *x.shape[1:])
+        a, d = xs[0], xs[1]
         z = torch.addcmul(a, d, self._tcol(x.dim()))  # (B, *shape): the values at t
-        on, tied = self._relu_on(z, (d, u))
+        if self.blocks == 3:
+            on, tied = self._relu_on(z, (d, xs[2]))
+        else:  # u deferred: a tie constant along d needs it
+            on, tied, undecided = self._relu_on(z, (d,), rest=True)
+            if undecided is not None:
+                self._need_u(undecided)
         self.on[k] = on
         self._exit(k, self.rows.relu_line_exit(a, d, on, tied, self.tol, self._guarded(k)))
-        x3 = x.reshape(3, -1, *x.shape[1:])
         slope = node.negative_slope
-        out = torch.where(on, x3, x3 * slope) if slope else x3 * on
+        out = torch.where(on, xs, xs * slope) if slope else xs * on
         return out.reshape(-1, *x.shape[1:])
 
     def maxpool(self, k, node: MaxPool, x):
         grid = _pool_grid(node)
-        r = x.shape[0] // 3
+        nb = self.blocks
+        r = x.shape[0] // nb
         b = self.b
-        a3 = x.reshape(3, r, -1)
+        a3 = x.reshape(nb, r, -1)
         z = torch.addcmul(a3[0], a3[1], self._tcol(2)).contiguous()  # (B, n_in)
         if grid is None:
             return self._maxpool_line_table(k, node, x, z)
@@ -873,8 +972,15 @@ class _LineRun(_ConfigurationRun):
             torch.maximum(value, e, out=value)
         av = [view(xflat, 0, r, o) for o in offsets]
         dv = [view(xflat, r, r, o) for o in offsets]
-        uv = [view(xflat, 2 * r, r, o) for o in offsets]
-        sel, tied = self._pool_choose(v, value, [dv, uv])
+        if nb == 3:
+            uv = [view(xflat, 2 * r, r, o) for o in offsets]
+            sel, tied, _ = self._pool_choose(v, value, [dv, uv])
+        else:  # u deferred: windows that d leaves tied need it, unless its rates are 0
+            sel, tied, same = self._pool_choose(v, value, [dv])
+            opened = self._u_open(k, lambda m: [view(m.reshape(-1), 0, b, o)
+                                                for o in offsets])
+            self._pool_need_u(same, same if opened is None else
+                              [s & o for s, o in zip(same, opened)])
         out = self._line_selected(k, node, sel, a3)
         a_s, d_s = (o.view(b, *sizes) for o in out[:2])
         guarded = self._guarded(k)
@@ -882,27 +988,50 @@ class _LineRun(_ConfigurationRun):
         for a_e, d_e, t_e in zip(av, dv, tied):
             self._exit(k, self.rows.pool_line_exit(a_e, d_e, a_s, d_s, t_e, self.tol,
                                                    guarded, band))
-        return out.reshape(3 * b, *node.out_shape)
+        return out.reshape(nb * b, *node.out_shape)
+
+    def _pool_need_u(self, same, opened) -> None:
+        """Mark the points with a window that d leaves tied (two or more ``same`` entries,
+        K masks) where an entry's u rate may be nonzero (``opened``, K masks)."""
+        if len(same) < 2:
+            return
+        count = same[0].to(torch.uint8)
+        for s in same[1:]:
+            count += s.view(torch.uint8)
+        any_open = opened[0]
+        for o in opened[1:]:
+            any_open = any_open | o
+        self._need_u((count >= 2) & any_open)
 
     def _line_selected(self, k, node: MaxPool, sel: Tensor, a3: Tensor) -> Tensor:
-        """Record the selection sel (B, n_out) of max-pool node k and return the three
-        streams a3 (3, R, n_in) at the selected entries: (3, B, n_out)."""
+        """Record the selection sel (B, n_out) of max-pool node k and return the streams
+        a3 (blocks, R, n_in) at the selected entries: (blocks, B, n_out)."""
         window = node.window.to(sel.device)
         index = window[torch.arange(window.shape[0], device=sel.device), sel]
         self.select[k] = sel
         self.index[k] = index
-        return torch.gather(a3.expand(3, self.b, -1), 2, index.unsqueeze(0).expand(3, -1, -1))
+        nb = a3.shape[0]
+        return torch.gather(a3.expand(nb, self.b, -1), 2,
+                            index.unsqueeze(0).expand(nb, -1, -1))
 
     def _maxpool_line_table(self, k, node: MaxPool, x, z):
         """:meth:`maxpool` on a window table that is not a regular grid (padding, wide or
         irregular windows): the window entries gathered, -inf padding."""
         b = self.b
-        r = x.shape[0] // 3
+        nb = self.blocks
+        r = x.shape[0] // nb
         zi = node.gather(z)  # (B, n_out, K)
-        ent = node.gather(x).reshape(3, r, *zi.shape[1:])  # (3, R, n_out, K)
-        sel, tied = self._pool_choose_dense(zi, zi.amax(dim=2, keepdim=True), (ent[1], ent[2]))
-        out = self._line_selected(k, node, sel, x.reshape(3, r, -1))
+        ent = node.gather(x).reshape(nb, r, *zi.shape[1:])  # (blocks, R, n_out, K)
+        amax = zi.amax(dim=2, keepdim=True)
+        if nb == 3:
+            sel, tied, _ = self._pool_choose_dense(zi, amax, (ent[1], ent[2]))
+        else:
+            sel, tied, same = self._pool_choose_dense(zi, amax, (ent[1],))
+            opened = self._u_open(k, lambda m: [node.gather(m.to(zi.dtype), fill=0.0) != 0])
+            many = same.sum(dim=2) >= 2
+            self._need_u(many & (same if opened is None else same & opened[0]).any(dim=2))
+        out = self._line_selected(k, node, sel, x.reshape(nb, r, -1))
         self._exit(k, self.rows.pool_line_exit(
             ent[0], ent[1], out[0].unsqueeze(2), out[1].unsqueeze(2), tied, self.tol,
             self._guarded(k)))
-        return out.reshape(3 * b, *node.out_shape)
+        return out.reshape(nb * b, *node.out_shape)

@@ -218,3 +218,74 @@ def test_backward_split_composes_to_the_whole_backward(name, build, shape):
         out = ref(xi)
         (g,) = torch.autograd.grad((out * rows[i, 0]).sum(), xi)
         torch.testing.assert_close(whole[i, 0], g[0], rtol=1e-10, atol=1e-10)
+
+
+def _tail_cnn(seed, act, pool2):
+    """conv-ReLU-maxpool-conv-act-pool2-linear on (1, 12, 12): the tail (after the second
+    conv) has the gate ``act`` and the pool ``pool2``."""
+    from _models import randomize_
+
+    model = nn.Sequential(nn.Conv2d(1, 3, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+                          nn.Conv2d(3, 4, 3, padding=1), act, pool2, nn.Flatten(),
+                          nn.Linear(4 * 9 if isinstance(pool2, nn.MaxPool2d)
+                                    and pool2.padding else 4 * 9, 3))
+    return randomize_(model, seed).eval()
+
+
+TAIL_CASES = [
+    ("relu-grid", lambda s: _tail_cnn(s, nn.ReLU(), nn.MaxPool2d(2, ceil_mode=True))),
+    ("relu-padded", lambda s: _tail_cnn(s, nn.ReLU(), nn.MaxPool2d(3, 2, padding=1))),
+    ("leaky-grid", lambda s: _tail_cnn(s, nn.LeakyReLU(0.1), nn.MaxPool2d(2, ceil_mode=True))),
+    ("reference", lambda s: small_cnn(s)),
+]
+
+
+@pytest.mark.parametrize("name, build", TAIL_CASES, ids=[c[0] for c in TAIL_CASES])
+def test_line_pass_tail_without_u_is_the_three_stream_pass(name, build, monkeypatch):
+    """The line pass runs its tail on the intercept and d streams only and redoes with u
+    the points whose tail has a tie only u decides: configurations, tied counts, logits,
+    rates and exits equal those of the pass that carries u everywhere (split=None), bit
+    for bit, and so do the tail steps (configure_line_tail) at new points. A constant
+    patch both ends share makes u-decided ties in the tail (checked: the redo runs)."""
+    from openbox import configuration as cf
+
+    redone = []
+    real = cf._tail_with_u
+
+    def spy(program, tol, run, *args):
+        if run.need_u is not None:
+            redone.append(int(run.need_u.sum()))
+        return real(program, tol, run, *args)
+
+    monkeypatch.setattr(cf, "_tail_with_u", spy)
+    for seed in (0, 1, 2):
+        ob = openbox.OpenBox(build(seed), (1, 12, 12))
+        x = _images((1, 12, 12), seed)
+        x[:, :, 1:11, 1:11] = 0.25  # a shared patch, not zero: ReLUs on along the segment
+        split = cf.line_split(ob.program)
+        assert split is not None
+        d = x[1] - x[0]
+        ts = torch.cat([torch.linspace(0, 1, 23, dtype=F64), torch.tensor([0.5, 0.5])])
+        args = (ob.program, x[:1], d, ob.direction, ts, ob.tol)
+        lp = cf.configure_line(*args, split=split)
+        ref = cf.configure_line(*args)
+        assert np.array_equal(lp.configuration.packed(), ref.configuration.packed())
+        for a, b in [(lp.logits, ref.logits), (lp.rates, ref.rates), (lp.exit, ref.exit),
+                     (lp.configuration.n_tight_relu, ref.configuration.n_tight_relu),
+                     (lp.configuration.n_tight_pool, ref.configuration.n_tight_pool)]:
+            assert torch.equal(a, b)
+        # tail steps: at points just past each tail exit still inside the head's region
+        rows = torch.arange(ts.numel())
+        t_new = torch.minimum(lp.tail.tail_exit, torch.ones(()))
+        keep = t_new < lp.tail.head_guard
+        rows, t_new = rows[keep], t_new[keep]
+        if rows.numel() == 0:
+            continue
+        gates, logits, rates, tail_exit = cf.configure_line_tail(ob.program, lp.tail, rows,
+                                                                 t_new, ob.tol)
+        whole = cf.with_head(lp.configuration, gates, lp.tail, rows)
+        there = cf.configure_line(ob.program, x[:1], d, ob.direction, t_new, ob.tol)
+        assert np.array_equal(whole.packed(), there.configuration.packed())
+        assert torch.equal(whole.n_tight, there.configuration.n_tight)
+        assert torch.equal(logits, there.logits) and torch.equal(rates, there.rates)
+    assert any(n > 0 for n in redone), "no tail tie needed u: the redo went untested"
