@@ -898,18 +898,35 @@ class _Walk:
             self.covered[i] = []
         return out
 
-    def _link(self, edge: int, k: int, s0: float, s1: float) -> None:
-        """Edge ``edge`` shares [s0, s1] with polygon k: record it, and the graph edge."""
-        self.covered[edge].append((s0, s1))
-        me = int(self.edges.owner[edge])
-        p, d = self.edges.p[edge], self.edges.d[edge]
-        seg = np.array([p + s0 * d, p + s1 * d])
-        known = self.graph.get_edge_data(me, k)
-        # the longest stretch found is the shared boundary (a shorter one is a piece of it
-        # or a touch at its end)
-        if known is None or _length(seg) > _length(known["segment"]):
-            self.graph.add_edge(me, k, segment=seg,
-                                decision_boundary=_differs(self.polys[me], self.polys[k], seg))
+    def _link(self, edge: np.ndarray, k: np.ndarray, s0: np.ndarray, s1: np.ndarray) -> None:
+        """Edge edge[i] shares [s0[i], s1[i]] with polygon k[i]: record each, and the graph
+        edges (as one pair at a time in this order would: an edge is added where its pair
+        first appears, with the first of the longest stretches found, known ones included)."""
+        if edge.size == 0:
+            return
+        e = self.edges
+        me = e.owner[edge]
+        p, d = e.p[edge], e.q[edge] - e.p[edge]
+        ends = np.stack([p + s0[:, None] * d, p + s1[:, None] * d], axis=1)  # (P, 2, 2)
+        gaps = ends[:, 1] - ends[:, 0]
+        best: dict[tuple[int, int], tuple] = {}  # pair -> (length, i; -1: the known one)
+        for i, (t, a, b, src, dst) in enumerate(zip(edge.tolist(), s0.tolist(), s1.tolist(),
+                                                    me.tolist(), k.tolist())):
+            self.covered[t].append((a, b))
+            pair = (min(src, dst), max(src, dst))
+            length = math.sqrt(gaps[i].dot(gaps[i]))  # _length's own arithmetic
+            held = best.get(pair)
+            if held is None:
+                known = self.graph.get_edge_data(src, dst)
+                held = (None, -1) if known is None else (_length(known["segment"]), -1)
+            # the longest stretch found is the shared boundary (a shorter one is a piece of
+            # it or a touch at its end)
+            best[pair] = (length, i) if held[0] is None or length > held[0] else held
+        for _, i in best.values():
+            if i >= 0:
+                src, dst = int(me[i]), int(k[i])
+                self.graph.add_edge(src, dst, segment=ends[i], decision_boundary=_differs(
+                    self.polys[src], self.polys[dst], ends[i]))
 
     def _record_crossings(self, edges: np.ndarray, dst: list[int]) -> set[int]:
         """Crossing edges[i] landed in polygon dst[i]: the part of the edge dst covers."""
@@ -924,7 +941,7 @@ class _Walk:
                     f"plane: crossing edge {int(self.edges.local[t])} of region {src} at "
                     f"s = {at:.6g} landed in region {k}, which covers [{a:.6g}, {b:.6g}] of "
                     "it; the walk is inconsistent")
-            self._link(t, k, a, b)
+        self._link(edges, dst, s0, s1)
         return set(edges.tolist())
 
     def _cover_by_known(self, first: int, new_open: list[int]) -> set[int]:
@@ -960,12 +977,8 @@ class _Walk:
         s0, s1 = np.maximum(s0, lo), np.minimum(s1, hi)
         width = s1 - s0
         ok = (width > KNOWN_STRETCH) & (width * e.length[edge] > EDGE_FRACTION * self.diag)
-        grown = set()
-        for t, k, a, b in zip(edge[ok].tolist(), poly[ok].tolist(), s0[ok].tolist(),
-                              s1[ok].tolist()):
-            self._link(t, k, a, b)
-            grown.add(t)
-        return grown
+        self._link(edge[ok], poly[ok], s0[ok], s1[ok])
+        return set(edge[ok].tolist())
 
     def _next_crossing(self, t: int) -> None:
         """The open edge's next crossing: the middle of its first uncovered part longer
