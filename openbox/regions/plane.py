@@ -434,6 +434,8 @@ def _polygons(ob, items, start: np.ndarray):
             / np.maximum(np.linalg.norm(G, axis=2), 1e-300)  # Euclidean distance from p
     reach[~np.isfinite(dist)] = np.inf
     k0 = len(start)
+    # (F, K, 2) vertices; the slots past a polygon's count repeat its first vertex, so
+    # maxima over the slots need no mask
     verts = np.repeat(start[None], f, axis=0)
     labels = np.full((f, k0), BOUNDARY, dtype=np.int64)
     count = np.full(f, k0)
@@ -442,17 +444,16 @@ def _polygons(ob, items, start: np.ndarray):
         a = np.flatnonzero(active & (count >= 3))
         if a.size == 0:
             break
-        v, cnt = verts[a], count[a]
-        valid = np.arange(v.shape[1])[None] < cnt[:, None]  # (A, K)
+        v = verts[a]
         # a row can only cut the polygon if its line passes within the polygon's size of p
-        size = np.where(valid, np.abs(v - p[a, None]).sum(axis=2), -np.inf).max(axis=1)
+        size = np.abs(v - p[a, None]).sum(axis=2).max(axis=1)
         near = dist[a] <= size[:, None]  # (A, R)
-        excess = np.matmul(G[a], v.transpose(0, 2, 1)) - h[a, :, None]  # (A, R, K)
-        excess = np.where(valid[:, None, :], excess, -np.inf)
+        # each row's largest excess over the vertices, (A, R): max_k (g . v_k) - h
+        top = np.matmul(v, G[a].transpose(0, 2, 1)).max(axis=1) - h[a]
         # rounding-level threshold: after a clip the new vertices lie on the row's line
-        big = np.where(valid[:, :, None], np.abs(v), 0.0).max(axis=(1, 2))
+        big = np.abs(v).max(axis=(1, 2))
         thr = ob.tol.tie * (1.0 + np.abs(h[a]) + gn[a] * big[:, None])
-        cutting = near & (excess.max(axis=2) - thr > 0)
+        cutting = near & (top - thr > 0)
         go = cutting.any(axis=1)
         active[a[~go]] = False
         if not go.any():
@@ -463,10 +464,11 @@ def _polygons(ob, items, start: np.ndarray):
                                 rows[b, pick])
         width = max(verts.shape[1], nv.shape[1])
         if width > verts.shape[1]:
-            verts = np.concatenate([verts, np.zeros((f, width - verts.shape[1], 2))], axis=1)
-            labels = np.concatenate([labels, np.full((f, width - labels.shape[1]), BOUNDARY)],
-                                    axis=1)
-        verts[b, :nv.shape[1]], labels[b, :nv.shape[1]], count[b] = nv, nl, nc
+            grow = width - verts.shape[1]
+            verts = np.concatenate([verts, np.repeat(verts[:, :1], grow, axis=1)], axis=1)
+            labels = np.concatenate([labels, np.full((f, grow), BOUNDARY)], axis=1)
+        nv = np.concatenate([nv, np.repeat(nv[:, :1], width - nv.shape[1], axis=1)], axis=1)
+        verts[b], labels[b, :nl.shape[1]], count[b] = nv, nl, nc
     return [(verts[i, :count[i]].copy(), labels[i, :count[i]].copy()) for i in range(f)]
 
 
@@ -474,17 +476,17 @@ def _clip_many(verts: np.ndarray, labels: np.ndarray, count: np.ndarray, g: np.n
                h: np.ndarray, label: np.ndarray):
     """:func:`_clip` for B polygons at once: verts (B, K, 2) and labels (B, K) padded past
     count (B,), each intersected with ``g[i] . q <= h[i]`` (the new edge labelled
-    label[i]); returns (verts (B, K', 2), labels (B, K'), count (B,)). Every row must cut
-    its polygon (some vertex outside)."""
+    label[i]); returns (verts (B, K', 2), labels (B, K'), count (B,)), the slots past a
+    polygon's count repeating its first vertex. Every row must cut its polygon (some
+    vertex outside)."""
     bsz, k = labels.shape
     idx = np.arange(k)[None]
+    at = np.arange(bsz)[:, None]
     valid = idx < count[:, None]
     s = verts[:, :, 0] * g[:, None, 0] + verts[:, :, 1] * g[:, None, 1] - h[:, None]
     inside = (s <= 0) & valid
     nxt = (idx + 1) % np.maximum(count, 1)[:, None]
-    s_n = np.take_along_axis(s, nxt, axis=1)
-    inside_n = np.take_along_axis(inside, nxt, axis=1)
-    v_n = np.take_along_axis(verts, nxt[:, :, None], axis=1)
+    s_n, inside_n, v_n = s[at, nxt], inside[at, nxt], verts[at, nxt]
     cut = (inside != inside_n) & valid
     with np.errstate(divide="ignore", invalid="ignore"):
         t = np.where(cut, s / (s - s_n), 0.0)
@@ -498,25 +500,30 @@ def _clip_many(verts: np.ndarray, labels: np.ndarray, count: np.ndarray, g: np.n
     v, lab, cnt = _compact(vals, labs, slot)
     # a vertex (within rounding) equal to the next one starts an edge of rounding length,
     # whose direction is noise: drop it, so the edge that follows keeps its own label
-    valid = np.arange(v.shape[1])[None] < cnt[:, None]
-    big = np.where(valid[:, :, None], np.abs(v), 0.0).max(axis=(1, 2))
-    span = (np.where(valid[:, :, None], v, -np.inf).max(axis=1)
-            - np.where(valid[:, :, None], v, np.inf).min(axis=1)).max(axis=1)
-    nxt = (np.arange(v.shape[1])[None] + 1) % np.maximum(cnt, 1)[:, None]
-    gap = np.linalg.norm(v - np.take_along_axis(v, nxt[:, :, None], axis=1), axis=2)
-    keep = valid & (gap > VERTEX_MERGE * (big + span)[:, None])
+    big = np.abs(v).max(axis=(1, 2))
+    span = (v.max(axis=1) - v.min(axis=1)).max(axis=1)
+    idx = np.arange(v.shape[1])[None]
+    nxt = (idx + 1) % np.maximum(cnt, 1)[:, None]
+    gap = np.linalg.norm(v - v[np.arange(bsz)[:, None], nxt], axis=2)
+    keep = (idx < cnt[:, None]) & (gap > VERTEX_MERGE * (big + span)[:, None])
     return _compact(v, lab, keep)
 
 
 def _compact(v: np.ndarray, lab: np.ndarray, keep: np.ndarray):
     """The kept entries of each row, in order, moved to its front: (v (B, K', 2),
-    lab (B, K'), count (B,)), K' the most kept in a row."""
-    order = np.argsort(~keep, axis=1, kind="stable")
+    lab (B, K'), count (B,)), K' the most kept in a row; the slots past a row's count
+    repeat its first kept entry (a row with none keeps its first entry there)."""
     cnt = keep.sum(axis=1)
     width = max(int(cnt.max(initial=0)), 1)
-    order = order[:, :width]
-    return (np.take_along_axis(v, order[:, :, None], axis=1),
-            np.take_along_axis(lab, order, axis=1), cnt)
+    # slot j of row i takes the row's (j mod count)-th kept entry: the kept entries in
+    # order, then the first one again
+    rank = np.cumsum(keep, axis=1) - 1
+    src = np.zeros((len(keep), width), dtype=np.int64)
+    rows, cols = np.nonzero(keep)
+    src[rows, rank[rows, cols]] = cols
+    src = np.where(np.arange(width)[None] < cnt[:, None], src, src[:, :1])
+    at = np.arange(len(keep))[:, None]
+    return v[at, src], lab[at, src], cnt
 
 
 def _inside(verts: np.ndarray, q: np.ndarray) -> bool:
