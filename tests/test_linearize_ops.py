@@ -149,6 +149,55 @@ def test_conv1d(case):
     check_affine_layer(layer, (ci, 11), seed=3, family=linearize.Conv)
 
 
+@pytest.mark.parametrize("case", CONV2D_CASES[::3] + CONV1D_CASES[::3], ids=_conv_id)
+def test_conv_in_row_chunks_is_the_one_call_result(case, monkeypatch):
+    """On the CPU, Conv.apply / apply_transpose run in row chunks (CHUNK_BYTES): whatever
+    the chunk size, the result is the dense matrix's to rounding (torch's kernels round a
+    row differently in calls of different sizes on some of these shapes)."""
+    from linearize.ops import conv as conv_mod
+
+    k, s, p, d, g, ci, co, b = case
+    cls = nn.Conv2d if len(k) == 2 else nn.Conv1d
+    in_shape = (ci, 9, 7) if len(k) == 2 else (ci, 11)
+    layer = randomize_(cls(ci, co, k, stride=s, padding=p, dilation=d, groups=g,
+                           bias=b).double(), 4).eval()
+    op = compile_layer(layer, in_shape).nodes[0].op
+    gen = generator(5)
+    x = torch.randn((37, *in_shape), generator=gen, dtype=F64)
+    gy = torch.randn((37, *op.out_shape), generator=gen, dtype=F64)
+    monkeypatch.setattr(conv_mod, "CHUNK_BYTES", 1 << 40)
+    whole, whole_t = op.apply(x), op.apply_transpose(gy)
+    dense = op.matrix().toarray()
+    np.testing.assert_allclose(whole.reshape(37, -1).numpy(), x.reshape(37, -1).numpy()
+                               @ dense.T, **EXACT)
+    for rows in (1, 5, 36):
+        per_row = (int(np.prod(in_shape)) + int(np.prod(op.out_shape))) * 8
+        monkeypatch.setattr(conv_mod, "CHUNK_BYTES", rows * per_row)
+        torch.testing.assert_close(op.apply(x), whole, **EXACT)
+        torch.testing.assert_close(op.apply_transpose(gy), whole_t, **EXACT)
+
+
+@pytest.mark.parametrize("channels", [(1, 8), (8, 16), (16, 32), (3, 4)], ids=str)
+def test_conv_chunks_change_no_bit_on_the_cnns_shapes(channels, monkeypatch):
+    """3x3 convolutions with padding 1, the layers of the CNNs here: row chunks of any
+    size give the one-call result bit for bit (what the walks' exact seams rely on:
+    a region's exit is the same in a batch of any size)."""
+    from linearize.ops import conv as conv_mod
+
+    ci, co = channels
+    layer = randomize_(nn.Conv2d(ci, co, 3, padding=1).double(), 6).eval()
+    op = compile_layer(layer, (ci, 14, 14)).nodes[0].op
+    gen = generator(7)
+    x = torch.randn((37, ci, 14, 14), generator=gen, dtype=F64)
+    gy = torch.randn((37, co, 14, 14), generator=gen, dtype=F64)
+    monkeypatch.setattr(conv_mod, "CHUNK_BYTES", 1 << 40)
+    whole, whole_t = op.apply(x), op.apply_transpose(gy)
+    for rows in (1, 2, 5, 16):
+        monkeypatch.setattr(conv_mod, "CHUNK_BYTES", rows * (ci + co) * 196 * 8)
+        assert torch.equal(op.apply(x), whole)
+        assert torch.equal(op.apply_transpose(gy), whole_t)
+
+
 def test_conv_matrix_covers_every_keyword():
     for cases in (CONV2D_CASES, CONV1D_CASES):
         for position, values in enumerate(zip(*cases)):
