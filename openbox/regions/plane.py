@@ -597,13 +597,18 @@ class _States:
         states, words = {}, {}
         for k, m in layout:
             if k in config.on:
-                st = config.on[k].reshape(f, -1).cpu().numpy().astype(np.int64)
-                w = self._words(k, st.shape[1], 2)
+                on = config.on[k].reshape(f, -1).cpu().numpy()
+                w = self._words(k, on.shape[1], 2)
+                st = on.astype(np.int64)
+                # the off words of every unit, then each on unit's (off ^ on)
+                h ^= np.bitwise_xor.reduce(w[:, 0]) ^ np.bitwise_xor.reduce(
+                    np.where(on, w[:, 0] ^ w[:, 1], np.uint64(0)), axis=1)
             else:
                 st = config.select[k].reshape(f, -1).cpu().numpy().astype(np.int64)
                 w = self._words(k, st.shape[1], m // max(st.shape[1], 1))
+                h ^= np.bitwise_xor.reduce(
+                    w.reshape(-1)[np.arange(st.shape[1]) * w.shape[1] + st], axis=1)
             states[k], words[k] = st, w
-            h ^= np.bitwise_xor.reduce(w[np.arange(st.shape[1]), st], axis=1)
         return h, states, words, np.cumsum([0] + [m for _, m in layout]), set(config.on)
 
     def across(self, hashes, f: int, labels: np.ndarray, layout) -> np.ndarray:
