@@ -428,3 +428,30 @@ def test_rows_in_plane_near_is_the_dense_rows_filtered(dtype):
             kept += len(index)
             assert 0 < len(index) < want.numel()
         assert kinds == {"ReLU", "MaxPool"} and kept > 0
+
+
+def test_state_hashes_are_the_xor_of_every_gate_input_word():
+    """_States.hashes: each input's hash is the XOR of words[k][unit, state] over every
+    unit of every gate (ReLU: on / off; max-pool: the selected position), the reference
+    taken unit by unit."""
+    from openbox.configuration import configure
+    from openbox.regions.plane import _States
+
+    model = random_cnn(3, channels=(3, 4), input_shape=(1, 12, 12))
+    ob = openbox.OpenBox(model, (1, 12, 12))
+    xs = torch.rand((5, 1, 12, 12), generator=torch.Generator().manual_seed(2), dtype=F64)
+    _, config, _, _ = configure(ob.program, xs, ob.direction, ob.tol)
+    layout = [(k, config.on[k][0].numel() if k in config.on
+               else config.select[k].shape[1] * config.window_sizes[k])
+              for k in ob.program.gates]
+    states = _States()
+    h, st, words, _, relu = states.hashes(config, layout)
+    assert relu == set(config.on) and relu and set(config.select)
+    for i in range(config.batch_size):
+        want = np.uint64(0)
+        for k, _ in layout:
+            s = (config.on[k] if k in config.on else config.select[k])[i].reshape(-1)
+            for unit, state in enumerate(s.tolist()):
+                want ^= words[k][unit, int(state)]
+            np.testing.assert_array_equal(st[k][i], s.numpy().astype(np.int64))
+        assert h[i] == want

@@ -363,10 +363,10 @@ def _half_planes(ob, config, gates, pts: np.ndarray, ns: np.ndarray, es: np.ndar
     # separate test for infinite slack (padding) or w = 0 (a tied flat row has slack 0):
     # the first fails the comparison, the second the exact test
     reach = size0 + NEAR_SLACK * (size0 + np.abs(pts).sum(axis=1))  # (F,)
-    # rows_in_plane's own first cut, in torch before any row is gathered: with (n, e)
-    # orthonormal, |w|_1 <= sqrt(2) |w|_2 <= sqrt(2) (|rate1| + |rate2|), so every row of
-    # the superset has slack < 2 reach (|rate1| + |rate2|) (2 over sqrt(2): far above
-    # rounding)
+    # and a superset of that one, tested in torch on every row before any row is
+    # gathered: with (n, e) orthonormal, |w|_1 <= sqrt(2) |w|_2 <= sqrt(2) (|rate1| +
+    # |rate2|), so each of its rows has slack < 2 reach (|rate1| + |rate2|) (2 over
+    # sqrt(2): far above rounding); rows_in_plane forms only those
     parts = rows_in_plane(ob.program, config, gates, ob.tol,
                           near=torch.as_tensor(2.0 * reach, dtype=ob.dtype, device=ob.device))
     layout = [(k, m) for k, m, *_ in parts]
