@@ -395,9 +395,9 @@ def _oriented_rows(program: Program, config: Configuration, gates: GateValues,
     ``slack < near[b] * sum_d |rate_d|`` are formed: per gate (k, m_k, index (P,) int64,
     slack (P,), [rate (P,)], [flat (P,)]), ``index`` the rows' flat positions
     ``b * m_k + row`` in the layout above, ascending; each value is the one the dense
-    layout holds (the same elementwise arithmetic on the same entries). Slack and the
-    test are computed for every row, rates along each direction and flats only for
-    these."""
+    layout holds (the same elementwise arithmetic on the same entries). The test's slack
+    and ``sum_d |rate_d|`` are computed for every row, the returned rates and flats only
+    for these rows."""
     b = config.batch_size
     if near is not None:
         near = near.reshape(b, 1)

@@ -936,9 +936,9 @@ class _Walk:
             best[pair] = (length, i) if held[0] is None or length > held[0] else held
         for _, i in best.values():
             if i >= 0:
-                src, dst = int(me[i]), int(k[i])
-                self.graph.add_edge(src, dst, segment=ends[i], decision_boundary=_differs(
-                    self.polys[src], self.polys[dst], ends[i]))
+                src, dst, seg = int(me[i]), int(k[i]), ends[i].copy()
+                self.graph.add_edge(src, dst, segment=seg, decision_boundary=_differs(
+                    self.polys[src], self.polys[dst], seg))
 
     def _record_crossings(self, edges: np.ndarray, dst: list[int]) -> set[int]:
         """Crossing edges[i] landed in polygon dst[i]: the part of the edge dst covers."""
