@@ -384,8 +384,9 @@ def test_max_regions_stops_the_walk_with_a_part_of_the_full_map():
 def test_rows_in_plane_near_is_the_dense_rows_filtered(dtype):
     """rows_in_plane(near=...) forms only the rows whose line passes within near of each
     input: exactly the dense rows (same values, bit for bit) with slack < near (|rate1| +
-    |rate2|) and a rate not 0, on ReLUs and on max-pools with padding and overlapping
-    windows, at generic points and at tied ones (a zero background: tied windows)."""
+    |rate2|) and a rate not 0, on a ReLU, a LeakyReLU and max-pools with padding and
+    overlapping windows, at generic points and at tied ones (a zero background: tied
+    windows)."""
     from collections import OrderedDict
 
     from openbox.configuration import configure
@@ -393,7 +394,8 @@ def test_rows_in_plane_near_is_the_dense_rows_filtered(dtype):
 
     layers = OrderedDict(conv1=torch.nn.Conv2d(1, 3, 3, padding=1), relu1=torch.nn.ReLU(),
                          pool1=torch.nn.MaxPool2d(3, stride=2, padding=1),
-                         conv2=torch.nn.Conv2d(3, 4, 3, padding=1), relu2=torch.nn.ReLU(),
+                         conv2=torch.nn.Conv2d(3, 4, 3, padding=1),
+                         relu2=torch.nn.LeakyReLU(0.1),
                          pool2=torch.nn.MaxPool2d(2), flatten=torch.nn.Flatten(),
                          fc=torch.nn.Linear(4 * 2 * 2, 3))
     torch.manual_seed(0)
