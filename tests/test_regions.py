@@ -289,3 +289,41 @@ def test_line_pass_tail_without_u_is_the_three_stream_pass(name, build, monkeypa
         assert torch.equal(whole.n_tight, there.configuration.n_tight)
         assert torch.equal(logits, there.logits) and torch.equal(rates, there.rates)
     assert any(n > 0 for n in redone), "no tail tie needed u: the redo went untested"
+
+
+@pytest.mark.parametrize("sparse", [1, 10**9], ids=["always-sparse", "always-dense"])
+def test_relu_tie_break_on_the_tied_inputs_alone_is_the_dense_rule(sparse, monkeypatch):
+    """The ReLU tie-break runs on the gathered tied inputs when few tie (SPARSE_TIES):
+    forced either way, configure and the line pass give the same configurations,
+    tied counts, logits and exits. Ties here: a zero input (ReLU inputs = biases, set
+    to 0 on some channels: tied, moving along the directions) and a channel with zero
+    weights and bias (tied and constant)."""
+    from _models import randomize_
+
+    from openbox import configuration as cf
+
+    model = randomize_(nn.Sequential(
+        nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(4, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 36, 3)), 3)
+    with torch.no_grad():
+        model[0].bias[:2] = 0.0
+        model[3].weight[1] = 0.0
+        model[3].bias[1] = 0.0
+    ob = openbox.OpenBox(model.eval(), (1, 12, 12))
+    x = _images((1, 12, 12), 4, n=5)
+    x[0] = 0.0
+    d = x[2] - x[0]
+    ts = torch.linspace(0, 1, 9, dtype=F64)
+    results = {}
+    for mode in ("reference", "forced"):
+        monkeypatch.setattr(cf, "SPARSE_TIES", 10**9 if mode == "reference" else sparse)
+        pas = cf.configure(ob.program, x, ob.direction, ob.tol)
+        line = cf.configure_line(ob.program, x[:1], d, ob.direction, ts, ob.tol,
+                                 split=cf.line_split(ob.program))
+        results[mode] = (pas.configuration.packed(), pas.configuration.n_tight, pas.logits,
+                         line.configuration.packed(), line.configuration.n_tight,
+                         line.logits, line.exit)
+    ref, got = results["reference"], results["forced"]
+    assert int(ref[1][0]) > 0 and int(ref[4][0]) > 0  # ties that moved were counted
+    for a, b in zip(ref, got):
+        assert np.array_equal(a, b) if isinstance(a, np.ndarray) else torch.equal(a, b)
