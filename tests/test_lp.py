@@ -256,3 +256,28 @@ def test_qp_accepts_an_infinite_right_hand_side_as_no_row():
     res = solve_qp(np.eye(2), [-2.0, 0.0], [[1.0, 0.0], [0.0, 1.0]], [np.inf, 1.0], tol=TOL)
     assert res.status == "optimal"
     np.testing.assert_allclose(res.x, [2.0, 0.0], rtol=0, atol=1e-8)
+
+
+@pytest.mark.parametrize("method", ["highs", "clarabel"])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(c=[np.nan, 1.0]), "c has 1 non-finite entries"),
+        (dict(A_ub=[[np.nan, 0.0]]), "A_ub has 1 non-finite"),
+        (dict(b_ub=[np.nan]), "b_ub has 1 NaN entries"),
+        (dict(bounds=(np.nan, 1.0)), "bounds has 2 NaN entries"),
+        (dict(A_eq=[[1.0, np.inf]], b_eq=[0.0]), "A_eq has 1 non-finite"),
+    ],
+)
+def test_lp_rejects_nan_and_infinite_coefficients(kwargs, message, method):
+    """NaN never reaches the solver (HiGHS would take it as a number): a ValueError
+    names the input; an infinite right-hand side stays "no row"."""
+    args = dict(c=[1.0, 1.0], A_ub=[[-1.0, 0.0]], b_ub=[1.0], bounds=(-5.0, 5.0))
+    args.update(kwargs)
+    c, a, b = args.pop("c"), args.pop("A_ub"), args.pop("b_ub")
+    with pytest.raises(ValueError, match=message):
+        solve_lp(c, a, b, tol=TOL, method=method, **args)
+    res = solve_lp([1.0, 1.0], [[-1.0, 0.0]], [np.inf], bounds=(-5.0, 5.0), tol=TOL,
+                   method=method)
+    assert res.status == "optimal"
+    np.testing.assert_allclose(res.x, [-5.0, -5.0], rtol=0, atol=1e-7)

@@ -28,7 +28,7 @@ Statuses: ``solve_lp`` and ``solve_qp`` return ``status`` "optimal", "infeasible
 "unbounded" and never raise for those; the caller decides what they mean. They raise
 :class:`LPError` when the solver fails (numerical trouble, iteration or time limit, a model
 the solver rejects), with the solver's own message, and ``ValueError`` for inputs of
-inconsistent shape (``solve_qp`` also for NaN or infinite coefficients).
+inconsistent shape or NaN / infinite coefficients (NaN right-hand sides or bounds).
 """
 
 from __future__ import annotations
@@ -230,9 +230,11 @@ def solve_lp(
 
     Raises:
         LPError: the solver failed (numerical trouble, iteration/time limit, rejected model).
-        ValueError: inconsistent shapes or an unknown method.
+        ValueError: inconsistent shapes, an unknown method, NaN or infinite entries in c,
+            A_ub, A_eq or b_eq, or NaN in b_ub or the bounds (+-inf there means no bound).
     """
     c, A_ub, b_ub, A_eq, b_eq, lo, hi = _prepare(c, A_ub, b_ub, A_eq, b_eq, bounds)
+    _check_numbers("LP", None, c, A_ub, b_ub, A_eq, b_eq, lo, hi)
     if method == "highs":
         A = sp.vstack([A_ub, A_eq], format="csr") if A_eq.shape[0] else A_ub
         row_lo = np.concatenate([np.full(b_ub.shape[0], -np.inf), b_eq])
@@ -357,6 +359,23 @@ def _solve_clarabel(c, A_ub, b_ub, A_eq, b_eq, lo, hi, tol: Tolerances, options=
                          options, "LP")
 
 
+def _check_numbers(what: str, first, c, A_ub, b_ub, A_eq, b_eq, lo, hi) -> None:
+    """ValueError for NaN or infinite coefficients (objective ``first`` = (name, values)
+    and c, the rows' matrices, b_eq) or NaN right-hand sides and bounds (+-inf there
+    means no bound), naming the input."""
+    items = [("c" if what == "LP" else "q", c, True), ("A_ub", A_ub.data, True),
+             ("A_eq", A_eq.data, True), ("b_ub", b_ub, False), ("b_eq", b_eq, True),
+             ("bounds", np.concatenate([lo, hi]), False)]
+    if first is not None:
+        items.insert(0, (*first, True))
+    for name, values, finite in items:
+        bad = ~np.isfinite(values) if finite else np.isnan(values)
+        if bad.any():
+            raise ValueError(f"{name} has {int(bad.sum())} {'non-finite' if finite else 'NaN'}"
+                             f" entries; the {what} needs {'finite' if finite else 'non-NaN'} "
+                             "numbers")
+
+
 def solve_qp(
     P,
     q,
@@ -405,15 +424,7 @@ def solve_qp(
         P = sp.csc_matrix(_to_csr(P))
         if P.shape != (k, k):
             raise ValueError(f"P has shape {P.shape} but q has {k} entries")
-    for name, values, finite in (("P", P.data, True), ("q", q, True),
-                                 ("A_ub", A_ub.data, True), ("A_eq", A_eq.data, True),
-                                 ("b_ub", b_ub, False), ("b_eq", b_eq, True),
-                                 ("bounds", np.concatenate([lo, hi]), False)):
-        bad = ~np.isfinite(values) if finite else np.isnan(values)
-        if bad.any():
-            raise ValueError(f"{name} has {int(bad.sum())} {'non-finite' if finite else 'NaN'}"
-                             f" entries; the QP needs {'finite' if finite else 'non-NaN'} "
-                             "numbers")
+    _check_numbers("QP", ("P", P.data), q, A_ub, b_ub, A_eq, b_eq, lo, hi)
     if P.nnz and abs(P - P.T).max() > 0:
         raise ValueError("P is not symmetric; pass (P + P.T) / 2 for the same objective")
     M, rhs, cones = _clarabel_rows(A_ub, b_ub, A_eq, b_eq, lo, hi)
