@@ -834,7 +834,7 @@ def configure_line_tail(
     value, u_input = tail.value, tail.u_input
     if value.shape[1] != 1:
         value = value.index_select(1, rows.to(value.device))
-        u_input = u_input.index_select(0, rows.to(value.device))
+        u_input = _LazyRows(u_input, rows.to(value.device))  # taken only for a redo
     with torch.no_grad():
         run = _LineRun(program, tol, t, constraints, tail.split, blocks=2)
         x = _run_tail(program, run, value.reshape(-1, *value.shape[2:]))
@@ -847,6 +847,16 @@ def configure_line_tail(
     _, tail_exit = _exits(run)
     logits, rates = _line_logits(x, t, run.blocks)
     return config, logits, rates, tail_exit
+
+
+class _LazyRows:
+    """Rows ``rows`` of a tensor, taken when :meth:`index_select` asks for some of them."""
+
+    def __init__(self, tensor: Tensor, rows: Tensor):
+        self.tensor, self.rows = tensor, rows
+
+    def index_select(self, dim: int, sub: Tensor) -> Tensor:
+        return self.tensor.index_select(dim, self.rows.index_select(0, sub))
 
 
 def _run_tail(program: Program, run: _LineRun, x: Tensor) -> Tensor:
@@ -862,8 +872,9 @@ def _tail_with_u(program: Program, tol: Tolerances, run: _LineRun, out: Tensor, 
     """Redo, with the u stream, the tail of the points whose two-stream tail (``run``,
     output ``out`` (2B, ...)) met a tie only u decides (``run.need_u``), and write their
     gates, tied counts (``base``: the counts before the tail), tail exits and outputs into
-    ``run`` and ``out``. ``value`` (2, R, ...) and ``u_input`` (R, ...): the streams out
-    of and into the split node for the points of ``run`` (R = 1: shared by all)."""
+    ``run`` and ``out``. ``value`` (2, R, ...) and ``u_input`` (R, ...; or a
+    :class:`_LazyRows` of them): the streams out of and into the split node for the
+    points of ``run`` (R = 1: shared by all)."""
     if run.need_u is None or not any_true(run.need_u):
         return out
     rows = run.need_u.nonzero().flatten()
