@@ -377,9 +377,12 @@ def configure(
                          f"{tuple(direction.shape)}")
     b, n_dir = x.shape[0], dirs.shape[0]
     run = _ConfigurationRun(program, tol, record, b, n_dir, x.device)
-    stacked = torch.cat([x, *(d.expand_as(x) for d in dirs)])
+    if dirs.dim() == len(shape) + 1:  # shared directions: one row each up to the first gate
+        stacked = torch.cat([x, dirs.to(x.dtype)])
+    else:
+        stacked = torch.cat([x, *(d.expand_as(x) for d in dirs)])
     with torch.no_grad():
-        out = run.run(program, stacked)
+        out = run.full(run.run(program, stacked))
     config = Configuration(
         run.on, run.select, run.index, run.n_relu, run.n_pool,
         {k: int(program.nodes[k].window.shape[1]) for k in run.select}, context,
@@ -395,7 +398,8 @@ class _ConfigurationRun(Interpreter):
     that fixes every gate, on a stacked batch ``[x; d1; ...; dD]`` of shape ((D+1)B, ...)
     whose later blocks carry the derivatives along each direction (no biases). Values
     follow the network itself (plain ReLU / max); derivatives follow the chosen gates.
-    Lives for one call only."""
+    Directions shared by all inputs take one row each (B + D rows) until a gate makes
+    them the inputs' own (:meth:`dirs`). Lives for one call only."""
 
     def __init__(self, program: Program, tol: Tolerances, record: bool, b: int, n_dir: int,
                  device):
@@ -418,6 +422,25 @@ class _ConfigurationRun(Interpreter):
         if node.bias is not None:
             y[: self.b] += node.bias
         return y
+
+    def dirs(self, x: Tensor) -> Tensor:
+        """(D, B or 1, ...): the direction blocks of x, one row each while shared."""
+        b, n_dir = self.b, self.n_dir
+        r = 1 if x.shape[0] == b + n_dir else b
+        return x[b:].reshape(n_dir, r, *x.shape[1:])
+
+    def full(self, x: Tensor) -> Tensor:
+        """x in the layout ((D+1)B, ...), shared direction rows expanded."""
+        b, n_dir = self.b, self.n_dir
+        if x.shape[0] == b * (n_dir + 1):
+            return x
+        d = self.dirs(x).expand(n_dir, b, *x.shape[1:])
+        return torch.cat([x[:b], d.reshape(n_dir * b, *x.shape[1:])])
+
+    def add(self, k, node, a, b):
+        if a.shape[0] != b.shape[0]:  # one side still has shared direction rows
+            a, b = self.full(a), self.full(b)
+        return node.forward(a, b)
 
     def _relu_on(self, z: Tensor, dzs, rest: bool = False):
         """The lexicographic ReLU rule: (on (B, *shape), tied or None when nothing ties)
@@ -469,14 +492,14 @@ class _ConfigurationRun(Interpreter):
     def relu(self, k, node: ReLU, x):
         b = self.b
         z = x[:b]
-        dz = x[b:].reshape(self.n_dir, b, *x.shape[1:])
+        dz = self.dirs(x)  # (D, B or 1, ...)
         if self.record:
-            self.values[k], self.derivatives[k] = z, dz[0]
+            self.values[k], self.derivatives[k] = z, dz[0].expand_as(z)
             if self.n_dir > 1:
-                self.derivatives2[k] = dz[1]
+                self.derivatives2[k] = dz[1].expand_as(z)
         on, _ = self._relu_on(z, dz.unbind(0))
         self.on[k] = on
-        out = torch.empty_like(x)
+        out = x.new_empty((b * (self.n_dir + 1), *x.shape[1:]))
         slope = node.negative_slope
         dout = out[b:].view(self.n_dir, b, *x.shape[1:])
         if slope:
@@ -490,9 +513,10 @@ class _ConfigurationRun(Interpreter):
     def maxpool(self, k, node: MaxPool, x):
         b = self.b
         if self.record:
-            self.values[k], self.derivatives[k] = x[:b], x[b : 2 * b]
+            dz = self.dirs(x)
+            self.values[k], self.derivatives[k] = x[:b], dz[0].expand(b, *x.shape[1:])
             if self.n_dir > 1:
-                self.derivatives2[k] = x[2 * b : 3 * b]
+                self.derivatives2[k] = dz[1].expand(b, *x.shape[1:])
         grid = _pool_grid(node)
         if grid is not None and x.is_contiguous():
             return self._maxpool_grid(k, node, x, grid)
@@ -513,8 +537,9 @@ class _ConfigurationRun(Interpreter):
         def view(r0, n, off):
             return flat.as_strided((n, *sizes), (n_in, *strides), start + r0 * n_in + off)
 
+        r = 1 if rows == b + n_dir else b  # rows per direction (1: shared)
         v = [view(0, b, o) for o in offsets]  # (B, *out_shape) strided views, no copies
-        out = x.new_empty((rows, *node.out_shape))
+        out = x.new_empty((b * (n_dir + 1), *node.out_shape))
         value = out[:b]
         if len(v) == 1:
             value.copy_(v[0])
@@ -522,10 +547,10 @@ class _ConfigurationRun(Interpreter):
             torch.maximum(v[0], v[1], out=value)
         for e in v[2:]:
             torch.maximum(value, e, out=value)
-        dviews = [[view(b * (i + 1), b, o) for o in offsets] for i in range(n_dir)]
+        dviews = [[view(b + r * i, r, o) for o in offsets] for i in range(n_dir)]
         sel, _, _ = self._pool_choose(v, value, dviews)
         index = _grid_index(node, grid, sel)
-        dflat = x[b:].reshape(n_dir, b, -1)
+        dflat = x[b:].reshape(n_dir, r, -1).expand(n_dir, b, -1)
         torch.gather(dflat, 2, index.unsqueeze(0).expand(n_dir, -1, -1),
                      out=out[b:].view(n_dir, b, -1))
         self.select[k] = sel
@@ -570,10 +595,10 @@ class _ConfigurationRun(Interpreter):
 
     def _maxpool_table(self, k, node: MaxPool, x):
         b = self.b
-        entries = node.gather(x)  # ((D+1)B, n_out, K), padding -inf
+        entries = node.gather(x)  # ((D+1)B or B+D, n_out, K), padding -inf
         v = entries[:b]
-        dv = entries[b:].view(self.n_dir, b, *entries.shape[1:])
-        out = x.new_empty((x.shape[0], *node.out_shape))
+        dv = self.dirs(entries)  # (D, B or 1, n_out, K)
+        out = x.new_empty((b * (self.n_dir + 1), *node.out_shape))
         value = out[:b].view(b, -1, 1)
         torch.amax(v, dim=2, keepdim=True, out=value)
         sel, _, _ = self._pool_choose_dense(v, value, dv.unbind(0))
@@ -581,7 +606,8 @@ class _ConfigurationRun(Interpreter):
         window = node.window.to(sel.device)
         self.index[k] = window[torch.arange(window.shape[0], device=sel.device), sel]
         idx = sel.unsqueeze(2).unsqueeze(0).expand(self.n_dir, -1, -1, -1)
-        torch.gather(dv, 3, idx, out=out[b:].view(self.n_dir, b, -1, 1))
+        torch.gather(dv.expand(self.n_dir, b, *dv.shape[2:]), 3, idx,
+                     out=out[b:].view(self.n_dir, b, -1, 1))
         return out
 
     def _pool_choose_dense(self, v, value, dvs) -> tuple[Tensor, Tensor, Tensor]:

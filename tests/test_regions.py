@@ -327,3 +327,57 @@ def test_relu_tie_break_on_the_tied_inputs_alone_is_the_dense_rule(sparse, monke
     assert int(ref[1][0]) > 0 and int(ref[4][0]) > 0  # ties that moved were counted
     for a, b in zip(ref, got):
         assert np.array_equal(a, b) if isinstance(a, np.ndarray) else torch.equal(a, b)
+
+
+def _skip_net(seed):
+    """A residual block whose skip reads the input itself (an Add of a value from before
+    the first gate and one after it), then a padded max-pool (window table, no grid)."""
+    from _models import randomize_
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c1 = nn.Conv2d(1, 1, 3, padding=1)
+            self.c2 = nn.Conv2d(1, 1, 3, padding=1)
+            self.pool = nn.MaxPool2d(3, 2, padding=1)
+            self.fc = nn.Linear(36, 3)
+
+        def forward(self, x):
+            y = self.c2(torch.relu(self.c1(x))) + x
+            return self.fc(self.pool(torch.relu(y)).flatten(1))
+
+    return randomize_(Net(), seed).eval()
+
+
+SHARED_CASES = TAIL_CASES + [("input-skip", _skip_net), ("pool-first", lambda s: __import__(
+    "_models").randomize_(nn.Sequential(nn.MaxPool2d(2), nn.Conv2d(1, 2, 3, padding=1),
+                                        nn.ReLU(), nn.Flatten(), nn.Linear(72, 3)), s).eval())]
+
+
+@pytest.mark.parametrize("name, build", SHARED_CASES, ids=[c[0] for c in SHARED_CASES])
+def test_shared_directions_run_one_row_each_until_the_first_gate(name, build):
+    """configure with directions shared by the batch carries one row per direction
+    before the first gate: the configurations, tied counts, logits, rates and recorded
+    gate values equal those of the same directions given per input (D, B, ...), which
+    run B rows each all the way."""
+    from openbox import configuration as cf
+
+    ob = openbox.OpenBox(build(1), (1, 12, 12))
+    x = _images((1, 12, 12), 5, n=4)
+    x[3] = 0.0
+    g = torch.Generator().manual_seed(2)
+    pair = torch.stack([ob.direction, torch.randn(ob.direction.shape, generator=g, dtype=F64)])
+    for dirs in (ob.direction, pair):
+        shared = cf.configure(ob.program, x, dirs, ob.tol, record=True, all_rates=True)
+        own_dirs = dirs.reshape(-1, 1, *x.shape[1:]).expand(-1, x.shape[0], *x.shape[1:])
+        own = cf.configure(ob.program, x, own_dirs, ob.tol, record=True, all_rates=True)
+        assert np.array_equal(shared.configuration.packed(), own.configuration.packed())
+        assert torch.equal(shared.configuration.n_tight, own.configuration.n_tight)
+        assert torch.equal(shared.logits, own.logits)
+        torch.testing.assert_close(shared.rates, own.rates, rtol=0, atol=1e-12)
+        for name_ in ("values", "derivatives"):
+            a, b = getattr(shared.gate_values, name_), getattr(own.gate_values, name_)
+            assert a.keys() == b.keys()
+            for k in a:
+                assert a[k].shape == b[k].shape
+                torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-12)
