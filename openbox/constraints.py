@@ -41,7 +41,7 @@ import torch
 from torch import Tensor
 
 from linearize import MaxPool, Program, ReLU
-from openbox.configuration import Configuration, GateValues
+from openbox.configuration import Configuration, GateValues, any_true
 from openbox.linear_maps import FixedForward, gate_support
 from openbox.tolerances import Tolerances
 
@@ -612,7 +612,7 @@ def relu_line_exit(a: Tensor, d: Tensor, on: Tensor, tied: Tensor | None,
     line and never a facet; a tied input that moves was oriented by the tie-break so that
     it rises. ``on`` (B, *shape) is the pass's choice.
     """
-    falling = torch.where(on, d < 0, d > 0)
+    falling = (on & (d < 0)) | (~on & (d > 0))  # bool algebra: a where is ~10x slower
     if tied is not None:
         falling &= ~(tied & ~tol.relu_moving(d))
     cross = -a / d
@@ -649,7 +649,7 @@ def pool_line_exit(a_e: Tensor, d_e: Tensor, a_s: Tensor, d_s: Tensor, tied: Ten
     gap = d_e - d_s
     falling = gap > 0
     both = falling & tied
-    if bool(both.any()):  # rare: the tie-break made tied entries rise no faster than s
+    if any_true(both):  # rare: the tie-break made tied entries rise no faster than s
         # same function both ways; given gap > 0, tol.same_slope(d_e, d_s) holds already
         falling = falling & ~(both & tol.same_slope(d_s, d_e))
     cross = (a_s - a_e).div_(gap)
