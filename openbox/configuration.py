@@ -905,10 +905,12 @@ def _tail_with_u(program: Program, tol: Tolerances, run: _LineRun, out: Tensor, 
         return out
     rows = run.need_u.nonzero().flatten()
     node = program.nodes[run.split]
-    pick = (lambda v, dim: v) if value.shape[1] == 1 else \
-        (lambda v, dim: v.index_select(dim, rows))  # noqa: E731
-    a, d = pick(value, 1).unbind(0)
-    u = node.op.apply(pick(u_input, 0))
+    if value.shape[1] == 1 and not isinstance(u_input, _LazyRows):  # shared by all points
+        a, d = value.unbind(0)
+        u = node.op.apply(u_input)
+    else:
+        a, d = value.index_select(1, rows).unbind(0)
+        u = node.op.apply(u_input.index_select(0, rows))
     if a.shape[0] != rows.numel():
         a, d, u = (v.expand(rows.numel(), *v.shape[1:]) for v in (a, d, u))
     sub = _LineRun(program, tol, t.index_select(0, rows), constraints, run.split, blocks=3)

@@ -288,6 +288,12 @@ def test_line_pass_tail_without_u_is_the_three_stream_pass(name, build, monkeypa
         assert np.array_equal(whole.packed(), there.configuration.packed())
         assert torch.equal(whole.n_tight, there.configuration.n_tight)
         assert torch.equal(logits, there.logits) and torch.equal(rates, there.rates)
+        for i in range(rows.numel()):  # one point at a time (a walk's last tail steps)
+            one, lg, _, _ = cf.configure_line_tail(ob.program, lp.tail, rows[i : i + 1],
+                                                   t_new[i : i + 1], ob.tol)
+            whole = cf.with_head(lp.configuration, one, lp.tail, rows[i : i + 1])
+            assert np.array_equal(whole.packed(), there.configuration.packed()[i : i + 1])
+            assert torch.equal(lg, there.logits[i : i + 1])
     assert any(n > 0 for n in redone), "no tail tie needed u: the redo went untested"
 
 
