@@ -284,6 +284,7 @@ def _walk_checks(case) -> list[str]:
         if p.t_start + 1e-9 < t < p.t_end - 1e-9 and tight == 0 and k != p.region_key:
             problems.append(f"segment: key at t={t:.4f} differs from its piece's")
             break
+    problems += _line_pass_checks(ob, x0, x1)
     c = int(ob.program(x1.unsqueeze(0)).argmax())
     ig = openbox.regions.integrated_gradients(ob, x1.unsqueeze(0), x0.unsqueeze(0), c,
                                               progress=False)
@@ -303,6 +304,44 @@ def _walk_checks(case) -> list[str]:
         if pm.complete and abs(pm.coverage - 1) > 1e-9:
             problems.append(f"plane: coverage {pm.coverage!r}")
     return problems
+
+
+def _line_pass_checks(ob, x0, x1) -> list[str]:
+    """The line pass with a tail run without u (and its redo) against the pass carrying
+    u everywhere, at 16 points and in one-point tail steps past their tail exits. The
+    ends share a constant block (the middle half of the input), which makes ties that
+    only u decides."""
+    from openbox import configuration as cf
+
+    split = cf.line_split(ob.program)
+    if split is None:
+        return []
+    x0, x1 = x0.clone(), x1.clone()
+    n = x0.numel()
+    x0.view(-1)[n // 4 : 3 * n // 4] = 0.25
+    x1.view(-1)[n // 4 : 3 * n // 4] = 0.25
+    d = x1 - x0
+    ts = torch.linspace(0, 1, 16, dtype=torch.float64)
+    args = (ob.program, x0.unsqueeze(0), d, ob.direction)
+    lp = cf.configure_line(*args, ts, ob.tol, split=split)
+    ref = cf.configure_line(*args, ts, ob.tol)
+    close = lambda a, b: torch.allclose(a, b, rtol=0, atol=1e-12)  # noqa: E731
+    if not (np.array_equal(lp.configuration.packed(), ref.configuration.packed())
+            and close(lp.logits, ref.logits) and torch.equal(lp.exit.isinf(), ref.exit.isinf())
+            and close(lp.exit.nan_to_num(posinf=0.0), ref.exit.nan_to_num(posinf=0.0))):
+        return ["line pass: the tail without u differs from the three-stream pass"]
+    t_new = torch.minimum(lp.tail.tail_exit, torch.ones((), dtype=torch.float64))
+    for i in torch.nonzero(t_new < lp.tail.head_guard).flatten()[:4].tolist():
+        rows = torch.tensor([i])
+        gates, logits, _, _ = cf.configure_line_tail(ob.program, lp.tail, rows, t_new[rows],
+                                                     ob.tol)
+        there = cf.configure_line(*args, t_new[rows], ob.tol)
+        whole = cf.with_head(lp.configuration, gates, lp.tail, rows)
+        if not (np.array_equal(whole.packed(), there.configuration.packed())
+                and close(logits, there.logits)):
+            return [f"line pass: a one-point tail step at t={float(t_new[i]):.6f} differs "
+                    "from a pass there"]
+    return []
 
 
 @pytest.mark.parametrize("shard", range(N_WALK_CASES // WALK_SHARD))
