@@ -136,7 +136,7 @@ def _measure(ctx: Context, name: str, model, meta: dict, test_set, timing, hammi
                              "mean_hamming": float(np.mean(hs))})
     with torch.no_grad():
         target = model(x[:pairs].float()).argmax(1)
-    exact = explainers.get("openbox", model, input_shape=INPUT_SHAPE)
+    exact = explainers.get("openbox", model, input_shape=INPUT_SHAPE, progress=False)
     c_exact = metrics.consistency(exact, x[:pairs], target, test_set.images, seed=SEED,
                                   clip=DOMAIN, zero=float("nan"))
     k = min(s.study_lime, len(index))
