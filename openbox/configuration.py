@@ -903,7 +903,7 @@ def _tail_with_u(program: Program, tol: Tolerances, run: _LineRun, out: Tensor, 
     points of ``run`` (R = 1: shared by all)."""
     if run.need_u is None or not any_true(run.need_u):
         return out
-    rows = run.need_u.nonzero().flatten()
+    rows = flat_nonzero(run.need_u)
     node = program.nodes[run.split]
     if value.shape[1] == 1 and not isinstance(u_input, _LazyRows):  # shared by all points
         a, d = value.unbind(0)
@@ -1025,7 +1025,7 @@ class _LineRun(_ConfigurationRun):
         return self.t.reshape(-1, *[1] * (dim - 1))
 
     def affine(self, k, node, x):
-        if k == self.split and self.split is not None and self.blocks == 3:
+        if k == self.split and self.blocks == 3:
             r = x.shape[0] // 3
             self.tail_u = x[2 * r :]  # the tail runs on [a; d] (see configure_line)
             x = x[: 2 * r]

@@ -234,7 +234,7 @@ def solve_lp(
             A_ub, A_eq or b_eq, or NaN in b_ub or the bounds (+-inf there means no bound).
     """
     c, A_ub, b_ub, A_eq, b_eq, lo, hi = _prepare(c, A_ub, b_ub, A_eq, b_eq, bounds)
-    _check_numbers("LP", None, c, A_ub, b_ub, A_eq, b_eq, lo, hi)
+    _check_numbers("LP", {"c": c}, A_ub, b_ub, A_eq, b_eq, lo, hi)
     if method == "highs":
         A = sp.vstack([A_ub, A_eq], format="csr") if A_eq.shape[0] else A_ub
         row_lo = np.concatenate([np.full(b_ub.shape[0], -np.inf), b_eq])
@@ -359,15 +359,13 @@ def _solve_clarabel(c, A_ub, b_ub, A_eq, b_eq, lo, hi, tol: Tolerances, options=
                          options, "LP")
 
 
-def _check_numbers(what: str, first, c, A_ub, b_ub, A_eq, b_eq, lo, hi) -> None:
-    """ValueError for NaN or infinite coefficients (objective ``first`` = (name, values)
-    and c, the rows' matrices, b_eq) or NaN right-hand sides and bounds (+-inf there
-    means no bound), naming the input."""
-    items = [("c" if what == "LP" else "q", c, True), ("A_ub", A_ub.data, True),
-             ("A_eq", A_eq.data, True), ("b_ub", b_ub, False), ("b_eq", b_eq, True),
-             ("bounds", np.concatenate([lo, hi]), False)]
-    if first is not None:
-        items.insert(0, (*first, True))
+def _check_numbers(what: str, objective: dict, A_ub, b_ub, A_eq, b_eq, lo, hi) -> None:
+    """ValueError for NaN or infinite coefficients (``objective``: name -> values, the
+    rows' matrices, b_eq) or NaN right-hand sides and bounds (+-inf there means no
+    bound), naming the input."""
+    items = [(name, values, True) for name, values in objective.items()]
+    items += [("A_ub", A_ub.data, True), ("A_eq", A_eq.data, True), ("b_ub", b_ub, False),
+              ("b_eq", b_eq, True), ("bounds", np.concatenate([lo, hi]), False)]
     for name, values, finite in items:
         bad = ~np.isfinite(values) if finite else np.isnan(values)
         if bad.any():
@@ -424,7 +422,7 @@ def solve_qp(
         P = sp.csc_matrix(_to_csr(P))
         if P.shape != (k, k):
             raise ValueError(f"P has shape {P.shape} but q has {k} entries")
-    _check_numbers("QP", ("P", P.data), q, A_ub, b_ub, A_eq, b_eq, lo, hi)
+    _check_numbers("QP", {"P": P.data, "q": q}, A_ub, b_ub, A_eq, b_eq, lo, hi)
     if P.nnz and abs(P - P.T).max() > 0:
         raise ValueError("P is not symmetric; pass (P + P.T) / 2 for the same objective")
     M, rhs, cones = _clarabel_rows(A_ub, b_ub, A_eq, b_eq, lo, hi)
