@@ -252,9 +252,10 @@ def _key_map(pm):
 
 
 def test_batch_size_and_neighbour_guesses_do_not_change_the_map():
-    """One point per pass (no batch, so no guess keeps a crossing back) and big batches
-    give the same regions, areas and graph; and the guessed neighbour across a facet edge
-    (the edge's row flipped) is the configured one for most edges (the reference: the
+    """One point per pass (no batch, so no guess keeps a crossing back), big batches and
+    walks from a grid of starts give the same regions, areas and graph; and the guessed
+    neighbour across a facet edge (the edge's row flipped) is the configured one for most
+    edges (the reference: the
     configuration just across each edge's middle)."""
     from openbox.configuration import configure
     from openbox.constraints import rows_in_plane
@@ -266,7 +267,9 @@ def test_batch_size_and_neighbour_guesses_do_not_change_the_map():
     x0, x1, x2 = torch.rand((3, 1, 12, 12), generator=g, dtype=F64)
     u, v = x1 - x0, x2 - x0
     ext = (-0.03, 0.03, -0.03, 0.03)
-    maps = [plane(ob, x0, u, v, ext, batch=b, progress=False) for b in (1, 7, 256)]
+    maps = [plane(ob, x0, u, v, ext, batch=b, starts=n, progress=False)
+            for b, n in ((1, 6), (7, 1), (7, 3), (256, 1), (256, 6))]
+    assert len(maps[0]) > 40
     (p1, e1), *rest = [_key_map(pm) for pm in maps]
     for polys, edges in rest:
         assert set(polys) == set(p1) and edges == e1
@@ -457,3 +460,28 @@ def test_state_hashes_are_the_xor_of_every_gate_input_word():
                 want ^= words[k][unit, int(state)]
             np.testing.assert_array_equal(st[k][i], s.numpy().astype(np.int64))
         assert h[i] == want
+
+
+def test_batched_centroids_and_starts():
+    """_centroids gives each polygon's _centroid (a zero-area one: the vertices' mean);
+    _starts gives the origin first, then grid centres strictly inside, nearest first."""
+    from openbox.regions.plane import _centroid, _centroids, _inside, _starts
+
+    g = np.random.default_rng(3)
+    polys = []
+    for k in (3, 4, 7, 12):
+        t = np.sort(g.uniform(0, 2 * np.pi, k))
+        polys.append(np.c_[np.cos(t), np.sin(t)] * g.uniform(0.1, 5) + g.normal(size=2))
+    polys.append(np.array([[0.0, 0.0], [1.0, 1.0], [2.0, 2.0]]))  # no area
+    got = _centroids(polys)
+    for p, c in zip(polys, got):
+        np.testing.assert_allclose(c, _centroid(p), rtol=1e-12, atol=1e-15)
+
+    tri = np.array([[0.0, 0.0], [4.0, 0.0], [0.0, 4.0]])
+    pts = _starts(tri, np.array([0.5, 0.5]), 4, 100)
+    assert np.array_equal(pts[0], [0.5, 0.5])
+    assert all(_inside(tri, q) for q in pts[1:])
+    assert len(pts) == 1 + 6 - 1  # the cells below the diagonal, less the origin's centre
+    d = np.abs(pts[1:] - pts[0]).sum(axis=1)
+    assert np.all(np.diff(d) >= 0)
+    assert len(_starts(tri, np.array([0.5, 0.5]), 4, 3)) == 3

@@ -39,6 +39,11 @@ from openbox.constraints import rows_in_plane
 DEFAULT_BATCH = 64
 """Frontier points configured per pass."""
 
+DEFAULT_STARTS = 6
+"""The walk starts from x0 and a 6 x 6 grid over the extent: 37 points in the first pass.
+On the demo CNN's benchmark planes (141 and 565 regions) this took the walk from 12 and
+34 passes to 4 and 20."""
+
 EDGE_FRACTION = 1e-9
 """Uncovered parts of an edge shorter than this fraction of the extent's diagonal are not
 crossed (a sliver that thin is reported through :attr:`PlaneMap.coverage`)."""
@@ -532,6 +537,39 @@ def _inside(verts: np.ndarray, q: np.ndarray) -> bool:
     return bool(np.all(cross > 0))
 
 
+def _starts(start: np.ndarray, origin: np.ndarray, n: int, most: int) -> np.ndarray:
+    """(<= most, 2) the walk's first points: the origin, then the centres of an n x n grid
+    of cells over the polygon ``start``'s box that lie strictly inside it, nearest the
+    origin first."""
+    lo, hi = start.min(0), start.max(0)
+    c = (np.arange(n) + 0.5) / n
+    grid = lo + np.stack(np.meshgrid(c, c, indexing="ij"), axis=-1).reshape(-1, 2) * (hi - lo)
+    grid = grid[[_inside(start, q) and not np.array_equal(q, origin) for q in grid]]
+    grid = grid[np.argsort(np.abs(grid - origin).sum(axis=1), kind="stable")]
+    return np.vstack([origin[None], grid])[:max(most, 1)]
+
+
+def _centroids(polys: list[np.ndarray]) -> np.ndarray:
+    """(F, 2) :func:`_centroid` of each convex polygon (K_i >= 3, 2), all at once: the
+    vertices padded by repeating each polygon's first one (a padded slot adds a zero
+    term to every sum)."""
+    f, k = len(polys), max(len(v) for v in polys)
+    v = np.empty((f, k, 2))
+    for i, p in enumerate(polys):
+        v[i, :len(p)], v[i, len(p):] = p, p[0]
+    x, y = v[..., 0], v[..., 1]
+    xn, yn = np.roll(x, -1, axis=1), np.roll(y, -1, axis=1)
+    cr = x * yn - xn * y
+    a = 0.5 * cr.sum(axis=1)
+    c = np.stack([((x + xn) * cr).sum(axis=1), ((y + yn) * cr).sum(axis=1)], axis=1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        c /= 6 * a[:, None]
+    flat = a <= 0  # no area (rounding): the vertices' mean, as _centroid does
+    if flat.any():
+        c[flat] = [p.mean(axis=0) for p, z in zip(polys, flat) if z]
+    return c
+
+
 def _combine(ab: Tensor, u: Tensor, v: Tensor) -> Tensor:
     """(N, *input_shape) input-space vectors a u + b v for ab (N, 2)."""
     shape = (-1, *[1] * u.dim())
@@ -554,10 +592,13 @@ KNOWN_STRETCH = 1e-6
 """Shortest fraction of an edge that a known polygon must share to count as covering it
 without a crossing."""
 
-NEAR_CELLS = 32
-"""A known polygon is tested against an edge when its bounding box comes within
-``2 / NEAR_CELLS`` of the extent's size of the edge's polygon's box (a polygon sharing a
-stretch of the edge touches the edge's own polygon; the margin only bounds the work)."""
+TOUCH = 4.0
+"""A known polygon is tested against an edge when its box comes within TOUCH times the
+stretch tolerance (``INSIDE_REL`` times the extent's diagonal plus its coordinates' size)
+of the edge's box. A stretch that :meth:`_Walk._cover_by_known` accepts lies on the edge
+and between the ends of the polygon's edges along the edge's line, which are within the
+stretch tolerance of that line (and of the edge): so inside both boxes up to that
+tolerance. A pair the test leaves out would only cost a crossing, never a result."""
 
 ROWS_CHUNK = 64
 """Fresh regions whose plane rows are gathered in one (F, M) array."""
@@ -611,22 +652,25 @@ class _States:
             states[k], words[k] = st, w
         return h, states, words, np.cumsum([0] + [m for _, m in layout]), set(config.on)
 
-    def across(self, hashes, f: int, labels: np.ndarray, layout) -> np.ndarray:
-        """(K,) uint64: for each edge label (a row of input f's layout, or BOUNDARY) the
-        hash of the state with that row flipped (BOUNDARY: 0)."""
+    def across(self, hashes, f, labels: np.ndarray, layout) -> np.ndarray:
+        """(L,) uint64: for each edge label labels[i] (a row of input f[i]'s layout, or
+        BOUNDARY) the hash of input f[i]'s state with that row flipped (BOUNDARY: 0).
+        f: (L,) int array, or one input for every label."""
         h, states, words, off, relu = hashes
+        f = np.broadcast_to(np.asarray(f, dtype=np.int64), labels.shape)
         out = np.zeros(len(labels), dtype=np.uint64)
-        for i, r in enumerate(labels.tolist()):
-            if r == BOUNDARY:
+        real = labels != BOUNDARY
+        gate = np.searchsorted(off, labels, side="right") - 1
+        for g, (k, _) in enumerate(layout):
+            at = np.flatnonzero(real & (gate == g))
+            if at.size == 0:
                 continue
-            g = int(np.searchsorted(off, r, side="right")) - 1
-            k = layout[g][0]
-            local, st, w = r - int(off[g]), states[k], words[k]
+            fi, local, st, w = f[at], labels[at] - off[g], states[k], words[k]
             if k in relu:
-                unit, new = local, 1 - int(st[f, local])  # a ReLU row: the unit flips
+                unit, new = local, 1 - st[fi, local]  # a ReLU row: the unit flips
             else:
-                unit, new = divmod(local, w.shape[1])  # a max-pool row: window, entry
-            out[i] = h[f] ^ w[unit, int(st[f, unit])] ^ w[unit, new]
+                unit, new = np.divmod(local, w.shape[1])  # a max-pool row: window, entry
+            out[at] = h[fi] ^ w[unit, st[fi, unit]] ^ w[unit, new]
         return out
 
 
@@ -721,6 +765,7 @@ def plane(
     *,
     max_regions: int = 20_000,
     batch: int = DEFAULT_BATCH,
+    starts: int = DEFAULT_STARTS,
     progress: bool | None = None,
 ) -> PlaneMap:
     """The exact linear regions of the slice ``{x0 + a u + b v}`` over ``extent``.
@@ -732,6 +777,12 @@ def plane(
         extent: (a_min, a_max, b_min, b_max); clipped to the OpenBox's domain if declared.
         max_regions: stop (``complete=False``) beyond this many polygons.
         batch: frontier points configured per pass.
+        starts: the walk grows from x0 and from the centres of a ``starts`` x ``starts``
+            grid of cells over the extent that lie inside it (nearest x0 first; at most
+            ``batch`` points in all, configured in the first pass). Several waves meet
+            sooner than one grows over the whole extent: fewer, fuller batches, the same
+            map. 1: from x0 alone. A walk stopped by ``max_regions`` holds the regions
+            nearest the starts.
         progress: a tqdm bar over polygons found (default on).
 
     Returns:
@@ -743,6 +794,8 @@ def plane(
     u, v = _check_directions(ob, u, v)
     if int(batch) < 1:
         raise ValueError(f"batch must be a positive number of points, got {batch!r}")
+    if int(starts) < 1:
+        raise ValueError(f"starts must be a positive grid size, got {starts!r}")
     start = _extent_polygon(ob, x0, u, v, extent)
     origin = np.zeros(2) if _inside(start, np.zeros(2)) else _centroid(start)
     walk = _Walk(ob, x0, u, v, start)
@@ -750,9 +803,10 @@ def plane(
     bar = tqdm(desc="plane", unit="region", leave=False,
                disable=not (True if progress is None else progress))
     with bar, torch.no_grad():
-        # the seed: the origin, tie-broken along a, then b
+        # the seeds: the origin, then the grid points, each tie-broken along a, then b
         edges = np.zeros(0, dtype=np.int64)
-        pts, ns, es = origin[None], np.array([[1.0, 0.0]]), np.array([[0.0, 1.0]])
+        pts = _starts(start, origin, int(starts), min(int(batch), int(max_regions)))
+        ns, es = np.tile([[1.0, 0.0]], (len(pts), 1)), np.tile([[0.0, 1.0]], (len(pts), 1))
         while True:
             if len(walk.polys) >= max_regions:
                 complete = False
@@ -780,10 +834,11 @@ class _Walk:
     def __init__(self, ob, x0: Tensor, u: Tensor, v: Tensor, start: np.ndarray):
         self.ob, self.x0, self.u, self.v, self.start = ob, x0, u, v, start
         self.diag = float(np.linalg.norm(start.max(0) - start.min(0)))
-        self.margin = 2.0 * (start.max(0) - start.min(0)) / NEAR_CELLS
+        self.touch = TOUCH * INSIDE_REL * (self.diag + float(np.abs(start).max()))
         self.polys: list[Polygon] = []
         self.index: dict[RegionKey, int] = {}
         self.graph = nx.Graph()
+        self.lengths: dict[tuple[int, int], float] = {}  # graph edge -> its segment's length
         self.edges = _Edges()
         self.covered: dict[int, list[tuple[float, float]]] = {}  # open edge -> intervals
         self.at: dict[int, float] = {}  # open edge -> parameter of its next crossing
@@ -878,23 +933,28 @@ class _Walk:
             clipped = _polygons(self.ob, [(*rows_of[f], pts[j]) for f, j in enumerate(part)],
                                 self.start)
             for f, j in enumerate(part):
-                verts, labels = clipped[f]
-                if len(verts) < 3:
+                if len(clipped[f][0]) < 3:
                     raise RuntimeError(
                         f"plane: the region at (a, b) = {tuple(pts[j])} clips to an empty "
                         "polygon; its own configuration excludes the point it was found at"
                     )
-                w, b0 = w_all[f], b_all[f]
-                poly = Polygon(verts, keys[j], 0, w, b0, labels)
-                poly.prediction = int(np.argmax(np.atleast_2d(poly.centroid) @ w.T + b0))
+            centres = _centroids([v for v, _ in clipped])
+            predictions = np.argmax(np.einsum("fcd,fd->fc", w_all, centres) + b_all, axis=1)
+            for f, j in enumerate(part):
+                verts, labels = clipped[f]
+                poly = Polygon(verts, keys[j], int(predictions[f]), w_all[f], b_all[f], labels)
+                poly.__dict__["centroid"] = centres[f]  # the cached property, computed here
                 self.index[keys[j]] = len(self.polys)
                 self.graph.add_node(len(self.polys))
                 self.polys.append(poly)
                 verts_list.append(verts)
-                self.known_hashes.add(int(hashes[0][f]))
-                guess += list(self.states.across(hashes, f, labels, layout))
+            self.known_hashes.update(hashes[0].tolist())
+            counts = [len(labels) for _, labels in clipped]
+            guess.append(self.states.across(hashes, np.repeat(np.arange(len(part)), counts),
+                                            np.concatenate([labels for _, labels in clipped]),
+                                            layout))
         self.edges.add(len(self.polys) - len(verts_list), verts_list)
-        self.guess = np.concatenate([self.guess, np.array(guess, dtype=np.uint64)])
+        self.guess = np.concatenate([self.guess, *guess])
 
     def _open_edges(self, first: int) -> list[int]:
         """Open the facet edges of polygons first, first + 1, ...: every edge made by a
@@ -921,24 +981,29 @@ class _Walk:
         p, d = e.p[edge], e.q[edge] - e.p[edge]
         ends = np.stack([p + s0[:, None] * d, p + s1[:, None] * d], axis=1)  # (P, 2, 2)
         gaps = ends[:, 1] - ends[:, 0]
+        lengths = np.sqrt(np.einsum("ij,ij->i", gaps, gaps))
         best: dict[tuple[int, int], tuple] = {}  # pair -> (length, i; -1: the known one)
-        for i, (t, a, b, src, dst) in enumerate(zip(edge.tolist(), s0.tolist(), s1.tolist(),
-                                                    me.tolist(), k.tolist())):
+        for i, (t, a, b, src, dst, length) in enumerate(zip(
+                edge.tolist(), s0.tolist(), s1.tolist(), me.tolist(), k.tolist(),
+                lengths.tolist())):
             self.covered[t].append((a, b))
-            pair = (min(src, dst), max(src, dst))
-            length = math.sqrt(gaps[i].dot(gaps[i]))  # _length's own arithmetic
+            pair = (src, dst) if src < dst else (dst, src)
             held = best.get(pair)
             if held is None:
-                known = self.graph.get_edge_data(src, dst)
-                held = (None, -1) if known is None else (_length(known["segment"]), -1)
+                held = (self.lengths.get(pair), -1)
             # the longest stretch found is the shared boundary (a shorter one is a piece of
             # it or a touch at its end)
             best[pair] = (length, i) if held[0] is None or length > held[0] else held
-        for _, i in best.values():
-            if i >= 0:
-                src, dst, seg = int(me[i]), int(k[i]), ends[i].copy()
-                self.graph.add_edge(src, dst, segment=seg, decision_boundary=_differs(
-                    self.polys[src], self.polys[dst], seg))
+        win = np.array([i for _, i in best.values() if i >= 0], dtype=np.int64)
+        if win.size == 0:
+            return
+        src, dst = me[win], k[win]
+        flips = _differs([self.polys[i] for i in src.tolist()],
+                         [self.polys[i] for i in dst.tolist()], ends[win])
+        for a, b, seg, flip, length in zip(src.tolist(), dst.tolist(), ends[win], flips.tolist(),
+                                           lengths[win].tolist()):
+            self.graph.add_edge(a, b, segment=seg, decision_boundary=flip)
+            self.lengths[(a, b) if a < b else (b, a)] = length
 
     def _record_crossings(self, edges: np.ndarray, dst: list[int]) -> set[int]:
         """Crossing edges[i] landed in polygon dst[i]: the part of the edge dst covers."""
@@ -971,11 +1036,17 @@ class _Walk:
         for ts, ks in ((new, np.arange(n)), (old, np.arange(first, n))):
             if ts.size == 0:
                 continue
-            own, inv = np.unique(e.owner[ts], return_inverse=True)
-            hit = np.all((e.lo[own][:, None] - self.margin <= e.hi[ks][None])
-                         & (e.lo[ks][None] <= e.hi[own][:, None] + self.margin), axis=2)
-            hit &= own[:, None] != ks[None]
-            i, j = np.nonzero(hit[inv])
+            # a stretch that counts lies on the edge and, to rounding, on an edge of the
+            # polygon: the edge's box meets the polygon's box up to that rounding
+            pt, qt = e.p[ts], e.q[ts]
+            elo, ehi = np.minimum(pt, qt) - self.touch, np.maximum(pt, qt) + self.touch
+            lo, hi = e.lo[ks], e.hi[ks]
+            hit = elo[:, None, 0] <= hi[None, :, 0]
+            hit &= elo[:, None, 1] <= hi[None, :, 1]
+            hit &= lo[None, :, 0] <= ehi[:, None, 0]
+            hit &= lo[None, :, 1] <= ehi[:, None, 1]
+            hit &= e.owner[ts][:, None] != ks[None]
+            i, j = np.nonzero(hit)
             pairs_e.append(ts[i])
             pairs_k.append(ks[j])
         if not pairs_e:
@@ -1004,13 +1075,14 @@ class _Walk:
         del self.covered[t]
 
 
-def _length(seg: np.ndarray) -> float:
-    return float(np.linalg.norm(seg[1] - seg[0]))
-
-
-def _differs(a: Polygon, b: Polygon, seg: np.ndarray) -> bool:
-    """The predicted class differs on the two sides of the shared segment."""
-    mid = 0.5 * (seg[0] + seg[1])
-    pa = a.logits(mid + 1e-7 * (a.centroid - mid)).argmax()
-    pb = b.logits(mid + 1e-7 * (b.centroid - mid)).argmax()
-    return bool(pa != pb)
+def _differs(a: list[Polygon], b: list[Polygon], seg: np.ndarray) -> np.ndarray:
+    """(P,) bool: the predicted class differs on the two sides of each shared segment
+    seg[i] (P, 2, 2) of polygons a[i] and b[i]."""
+    mid = 0.5 * (seg[:, 0] + seg[:, 1])
+    out = []
+    for side in (a, b):
+        w = np.stack([p.weight for p in side])  # (P, C, 2)
+        bias = np.stack([p.bias for p in side])
+        at = mid + 1e-7 * (np.stack([p.centroid for p in side]) - mid)
+        out.append(np.argmax(np.einsum("pcd,pd->pc", w, at) + bias, axis=1))
+    return out[0] != out[1]
