@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import importlib
 
 import networkx as nx
 import numpy as np
@@ -485,3 +486,72 @@ def test_batched_centroids_and_starts():
     d = np.abs(pts[1:] - pts[0]).sum(axis=1)
     assert np.all(np.diff(d) >= 0)
     assert len(_starts(tri, np.array([0.5, 0.5]), 4, 3)) == 3
+
+
+def test_first_boxes_do_not_change_the_map(monkeypatch):
+    """Polygons first clipped in small boxes around their points (every size of box: one
+    that holds the polygon, one it reaches so that the wider box is needed, one that even
+    the wider box cuts, so that every row of the extent is gathered again) are the ones
+    clipped by every row that meets the extent: same regions, areas and graph."""
+    P = importlib.import_module("openbox.regions.plane")
+
+    model = random_cnn(3, channels=(3, 4), input_shape=(1, 12, 12))
+    ob = openbox.OpenBox(model, (1, 12, 12))
+    g = torch.Generator().manual_seed(4)
+    x0, x1, x2 = torch.rand((3, 1, 12, 12), generator=g, dtype=F64)
+    args = (ob, x0, x1 - x0, x2 - x0, (-0.03, 0.03, -0.03, 0.03))
+    calls = []
+    half_planes = P._half_planes
+
+    def counted(*a, **k):
+        calls.append(k.get("radius", a[7] if len(a) > 7 else None))
+        return half_planes(*a, **k)
+
+    monkeypatch.setattr(P, "_half_planes", counted)
+    maps, full_calls = [], []
+    for factor in (1e9, 3.0, 0.3, 1e-4):
+        monkeypatch.setattr(P, "RADIUS_FACTOR", factor)
+        calls.clear()
+        maps.append(plane(*args, batch=16, progress=False))
+        full_calls.append(sum(r is None for r in calls))
+    assert full_calls[0] == 0 and full_calls[-1] > 0  # the last gathered every row again
+    (p0, e0), *rest = [_key_map(pm) for pm in maps]
+    assert len(p0) > 40
+    for polys, edges in rest:
+        assert set(polys) == set(p0) and edges == e0
+        for k, (area, c) in polys.items():
+            assert area == pytest.approx(p0[k][0], rel=1e-9, abs=1e-15)
+            np.testing.assert_allclose(c, p0[k][1], rtol=1e-9, atol=1e-12)
+    for pm in maps:
+        assert pm.complete and abs(pm.coverage - 1) < 1e-9
+        assert all((p.edge_labels != P.BOX).all() for p in pm.polygons)
+
+
+def test_probe_samples_are_covered_by_the_polygons_that_contain_them():
+    """_Walk._cover_samples marks exactly the samples that Polygon.contains puts inside a
+    polygon; probes are uncovered samples, apart from the given points and each other."""
+    P = importlib.import_module("openbox.regions.plane")
+
+    model = random_mlp(0, (2, 10, 10, 3))
+    ob = openbox.OpenBox(model, (2,))
+    pm = plane(ob, torch.zeros(2, dtype=F64), torch.tensor([1.0, 0.0]),
+               torch.tensor([0.0, 1.0]), (-3, 3, -2, 2.5), progress=False)
+    walk = P._Walk(ob, torch.zeros(1, 2, dtype=F64), torch.tensor([1.0, 0.0], dtype=F64),
+                   torch.tensor([0.0, 1.0], dtype=F64), pm.domain_polygon)
+    some = pm.polygons[: len(pm.polygons) // 2]
+    walk.polys = list(some)
+    walk._cover_samples(0)
+    inside = np.zeros(len(walk.samples), dtype=bool)
+    for poly in some:
+        inside |= poly.contains(walk.samples)
+    np.testing.assert_array_equal(walk.uncovered, ~inside)
+    assert walk.last_size == pytest.approx(np.median([np.sqrt(p.area) for p in some]))
+    near = np.array([[0.0, 0.0]])
+    free = walk.uncovered.copy()
+    got = walk.probes(10, near)
+    assert 0 < len(got) <= 10
+    pts = np.vstack([near, got])
+    gaps = np.abs(pts[:, None] - pts[None]).max(axis=2) + np.eye(len(pts)) * 1e9
+    assert gaps.min() >= walk.last_size
+    hit = [int(np.flatnonzero((walk.samples == q).all(axis=1))[0]) for q in got]
+    assert free[hit].all() and not walk.uncovered[hit].any()

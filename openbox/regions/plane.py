@@ -17,6 +17,13 @@ of all the polygons for many regions); a guess of the region across each edge (i
 gate flipped) keeps two crossings aimed at one region out of a batch, so nearly every
 configured point finds a new region. The guess only orders the work.
 
+The walk grows from x0 and a grid of starts over the extent; a batch that the open edges
+leave short (a long, thin run of regions crossed one per pass) is filled with probes:
+sample points that no known polygon contains. Each point's polygon is first clipped in a
+box around it, by the few rows whose lines meet the box, and clipped again by more rows
+only if it reaches the box's boundary. None of this changes the map: every point found
+is configured, and every polygon is its region's whole slice.
+
 Coordinates: (a, b) in the plane's own basis (u, v need not be orthogonal or unit);
 vertices are counter-clockwise in (a, b).
 """
@@ -58,6 +65,26 @@ INSIDE_REL = 1e-9
 
 BOUNDARY = -1
 """Edge label of the extent's (or the domain's) boundary: nothing to cross."""
+
+BOX = -2
+"""Edge label of a side of the box a polygon is first clipped in (never in a result)."""
+
+_BOX_G = np.array([[1.0, 0.0], [-1.0, 0.0], [0.0, 1.0], [0.0, -1.0]])
+
+RADIUS_FACTOR = 3.0
+"""A crossing's polygon is first clipped in the box of L-infinity radius RADIUS_FACTOR
+times the largest side of the box of the polygon it crosses from (a probe's: times the
+median side of the polygons found last): only the rows whose lines meet that box are
+gathered and clipped by, not every row whose line crosses the extent."""
+
+RADIUS_GROWTH = 8.0
+"""A polygon that reaches its box's boundary is clipped again in a box this many times
+larger (up to the whole extent)."""
+
+BOX_MARGIN = 1e-6
+"""A vertex within this fraction of the radius of the box's boundary counts as on it (far
+above the rounding of the clipping, so that a polygon that reaches beyond its box is
+never taken for the whole one)."""
 
 
 @dataclass(eq=False)
@@ -352,16 +379,19 @@ def _extent_polygon(ob, x0: Tensor, u: Tensor, v: Tensor, extent) -> np.ndarray:
 
 
 def _half_planes(ob, config, gates, pts: np.ndarray, ns: np.ndarray, es: np.ndarray,
-                 start: np.ndarray):
+                 start: np.ndarray, radius: np.ndarray | None = None):
     """For each input f of the batch: (G (m, 2), h (m,), rows (m,), dist (m,)) with
     ``G q <= h`` the rows of its region restricted to the plane around pts[f] along
     (ns[f], es[f]) (orthonormal in (a, b)) whose lines come within the L1 size of the
-    polygon ``start`` around pts[f] (no other row can cut it): ``rows`` their indices in
-    :func:`rows_in_plane`'s layout (the edge labels), ``dist`` their lines' L-infinity
-    distance from pts[f]. One rows_in_plane call for the whole batch. Also the layout:
-    [(gate node k, rows of gate k)] in row order."""
+    polygon ``start`` around pts[f] (no other row can cut it), and within L-infinity
+    distance radius[f] of pts[f] when given (the lines that meet the box pts[f] +-
+    radius[f]): ``rows`` their indices in :func:`rows_in_plane`'s layout (the edge
+    labels), ``dist`` their lines' L-infinity distance from pts[f]. One rows_in_plane call
+    for the whole batch. Also the layout: [(gate node k, rows of gate k)] in row order."""
     f = config.batch_size
     size0 = np.abs(start[None] - pts[:, None]).sum(axis=2).max(axis=1)  # (F,)
+    if radius is not None:
+        size0 = np.minimum(size0, radius)
     # a superset of the rows that can cut: slack <= |w|_1 reach, w = rate1 n + rate2 e the
     # row's gradient in (a, b) (slack / |w|_1 is its line's distance up to rounding, a
     # margin far above it keeps every one); the exact test follows on these few. No
@@ -412,6 +442,19 @@ def _half_planes(ob, config, gates, pts: np.ndarray, ns: np.ndarray, es: np.ndar
     at = np.searchsorted(input_of, np.arange(f + 1))
     return [(G[at[i]:at[i + 1]], h[at[i]:at[i + 1]], row[at[i]:at[i + 1]],
              dist[at[i]:at[i + 1]]) for i in range(f)], layout
+
+
+def _in_box(rows, p: np.ndarray, radius: float):
+    """An item of :func:`_polygons`: the rows (G, h, labels, dist) whose lines meet the
+    box p +- radius (L-infinity; all of them when radius is inf), and the box's four sides
+    (labelled BOX)."""
+    G, h, labels, dist = rows
+    if not np.isfinite(radius):
+        return G, h, labels, dist, p
+    keep = dist <= radius
+    (pa, pb), r = p, radius
+    return (np.vstack([G[keep], _BOX_G]), np.r_[h[keep], pa + r, r - pa, pb + r, r - pb],
+            np.r_[labels[keep], [BOX] * 4], np.r_[dist[keep], [r] * 4], p)
 
 
 def _polygons(ob, items, start: np.ndarray):
@@ -549,14 +592,20 @@ def _starts(start: np.ndarray, origin: np.ndarray, n: int, most: int) -> np.ndar
     return np.vstack([origin[None], grid])[:max(most, 1)]
 
 
-def _centroids(polys: list[np.ndarray]) -> np.ndarray:
-    """(F, 2) :func:`_centroid` of each convex polygon (K_i >= 3, 2), all at once: the
-    vertices padded by repeating each polygon's first one (a padded slot adds a zero
-    term to every sum)."""
+def _padded(polys: list[np.ndarray]) -> np.ndarray:
+    """(F, K, 2) the polygons' vertices, each padded to K = the most vertices by repeating
+    its first one (an edge of length 0: it adds a zero term to every sum over edges and
+    passes every inside test)."""
     f, k = len(polys), max(len(v) for v in polys)
     v = np.empty((f, k, 2))
     for i, p in enumerate(polys):
         v[i, :len(p)], v[i, len(p):] = p, p[0]
+    return v
+
+
+def _centroids(polys: list[np.ndarray]) -> np.ndarray:
+    """(F, 2) :func:`_centroid` of each convex polygon (K_i >= 3, 2), all at once."""
+    v = _padded(polys)
     x, y = v[..., 0], v[..., 1]
     xn, yn = np.roll(x, -1, axis=1), np.roll(y, -1, axis=1)
     cr = x * yn - xn * y
@@ -599,6 +648,9 @@ of the edge's box. A stretch that :meth:`_Walk._cover_by_known` accepts lies on 
 and between the ends of the polygon's edges along the edge's line, which are within the
 stretch tolerance of that line (and of the edge): so inside both boxes up to that
 tolerance. A pair the test leaves out would only cost a crossing, never a result."""
+
+PROBE_GRID = 64
+"""Side of the grid of sample points that fill short batches (:meth:`_Walk.probes`)."""
 
 ROWS_CHUNK = 64
 """Fresh regions whose plane rows are gathered in one (F, M) array."""
@@ -807,17 +859,25 @@ def plane(
         edges = np.zeros(0, dtype=np.int64)
         pts = _starts(start, origin, int(starts), min(int(batch), int(max_regions)))
         ns, es = np.tile([[1.0, 0.0]], (len(pts), 1)), np.tile([[0.0, 1.0]], (len(pts), 1))
+        radius = np.full(len(pts), np.inf)
         while True:
             if len(walk.polys) >= max_regions:
                 complete = False
                 break
             before = len(walk.polys)
-            walk.step(edges, pts, ns, es)
+            walk.step(edges, pts, ns, es, radius)
             bar.update(len(walk.polys) - before)
             edges = walk.take(int(batch))
             if edges.size == 0:
                 break
             pts, ns, es = walk.crossings(edges)
+            radius = walk.first_radius(edges)
+            extra = walk.probes(int(batch) - len(edges), pts)
+            if len(extra):
+                pts = np.vstack([pts, extra])
+                ns = np.vstack([ns, np.tile([1.0, 0.0], (len(extra), 1))])
+                es = np.vstack([es, np.tile([0.0, 1.0], (len(extra), 1))])
+                radius = np.r_[radius, np.full(len(extra), RADIUS_FACTOR * walk.last_size)]
     area = sum(p.area for p in walk.polys)
     return PlaneMap(walk.polys, walk.graph, tuple(float(e) for e in extent), start, complete,
                     area / _area(start), tuple(origin))
@@ -846,6 +906,17 @@ class _Walk:
         self.states = _States()
         self.guess = np.zeros(0, dtype=np.uint64)  # per edge: the guessed neighbour's hash
         self.known_hashes: set[int] = set()
+        # the probes: a PROBE_GRID x PROBE_GRID grid of cell centres over the extent's box,
+        # drawn in a fixed shuffled order; a sample inside a known polygon is covered
+        lo, hi = start.min(0), start.max(0)
+        c = (np.arange(PROBE_GRID) + 0.5) / PROBE_GRID
+        self.sample_lo, self.sample_step = lo, (hi - lo) / PROBE_GRID
+        self.samples = lo + np.stack(np.meshgrid(c, c, indexing="ij"), -1).reshape(-1, 2) * (
+            hi - lo)
+        self.uncovered = np.array([_inside(start, q) for q in self.samples])
+        self.sample_order = np.random.default_rng(0x9A7E).permutation(len(self.samples))
+        self.redone = 0  # polygons clipped again in a larger box
+        self.last_size = 0.0  # the regions found last: median side (square root of area)
 
     # -- the frontier
 
@@ -870,6 +941,14 @@ class _Walk:
         self.queue = wait + self.queue[seen:]
         return np.array(out, dtype=np.int64)
 
+    def first_radius(self, edges: np.ndarray) -> np.ndarray:
+        """(N,) the first box's radius of the crossing of each edge: RADIUS_FACTOR times
+        the largest side of the box of the edge's polygon (neighbours are of a size, most
+        often; a larger one is redone)."""
+        e = self.edges
+        own = e.owner[edges]
+        return RADIUS_FACTOR * (e.hi[own] - e.lo[own]).max(axis=1)
+
     def crossings(self, edges: np.ndarray):
         """(points (N, 2), outward normals (N, 2), edge directions (N, 2)) crossing the
         open edges at their parameters."""
@@ -879,13 +958,68 @@ class _Walk:
         unit = d / e.length[edges, None]
         return e.p[edges] + s[:, None] * d, np.c_[unit[:, 1], -unit[:, 0]], unit
 
+    def probes(self, n: int, near: np.ndarray) -> np.ndarray:
+        """(<= n, 2) sample points not inside any known polygon and apart from the points
+        ``near`` (N, 2) and from each other by the size of the regions found last, to
+        fill a batch that the open edges leave short (a long, thin stretch of regions is
+        otherwise crossed one region per pass). What a probe finds is configured, as a
+        seed's is; a probe that finds a region a crossing of its batch finds too is only
+        a wasted point."""
+        if n <= 0 or self.last_size <= 0:
+            return np.zeros((0, 2))
+        cand = self.sample_order[self.uncovered[self.sample_order]]
+        taken = list(near)
+        out = []
+        for i in cand.tolist():
+            q = self.samples[i]
+            if np.abs(np.asarray(taken) - q).max(axis=1).min() >= self.last_size:
+                out.append(i)
+                taken.append(q)
+                if len(out) == n:
+                    break
+        self.uncovered[out] = False
+        return self.samples[out]
+
+    def _cover_samples(self, first: int) -> None:
+        """Mark the samples inside polygons first, first + 1, ... covered (to
+        :meth:`Polygon.contains`' tolerance: a sample on a boundary is covered), all of them
+        at once; and note their size."""
+        polys = self.polys[first:]
+        if not polys:
+            return
+        v = _padded([p.vertices for p in polys])  # (F, K, 2)
+        vn = np.roll(v, -1, axis=1)
+        area = 0.5 * (v[..., 0] * vn[..., 1] - vn[..., 0] * v[..., 1]).sum(axis=1)
+        self.last_size = float(np.median(np.sqrt(np.maximum(area, 0.0))))
+        g = PROBE_GRID
+        lo, hi = v.min(axis=1), v.max(axis=1)
+        i0 = np.clip(np.floor((lo - self.sample_lo) / self.sample_step - 0.5), 0, g - 1)
+        i1 = np.clip(np.ceil((hi - self.sample_lo) / self.sample_step - 0.5), 0, g - 1)
+        i0, i1 = i0.astype(np.int64), i1.astype(np.int64)
+        na, nb = i1[:, 0] - i0[:, 0] + 1, i1[:, 1] - i0[:, 1] + 1
+        f = np.repeat(np.arange(len(polys)), na * nb)  # (P,) the pair's polygon
+        r = np.arange(len(f)) - np.repeat(np.cumsum(na * nb) - na * nb, na * nb)
+        idx = (i0[f, 0] + r // nb[f]) * g + i0[f, 1] + r % nb[f]  # the pair's sample
+        free = self.uncovered[idx]
+        f, idx = f[free], idx[free]
+        if idx.size == 0:
+            return
+        a, e, q = v[f], (vn - v)[f], self.samples[idx][:, None]  # (P, K, 2), (P, 1, 2)
+        length = np.maximum(np.linalg.norm(e, axis=2), 1e-300)
+        dist = (e[..., 0] * (q[..., 1] - a[..., 1]) - e[..., 1] * (q[..., 0] - a[..., 0])) / length
+        size = (np.linalg.norm(hi - lo, axis=1) + np.abs(v).max(axis=(1, 2)))[f]
+        inside = np.all(dist >= -1e-9 * size[:, None], axis=1)
+        self.uncovered[idx[inside]] = False
+
     # -- one batch
 
-    def step(self, edges: np.ndarray, pts: np.ndarray, ns: np.ndarray, es: np.ndarray):
+    def step(self, edges: np.ndarray, pts: np.ndarray, ns: np.ndarray, es: np.ndarray,
+             radius: np.ndarray):
         """Configure the points (crossing ``edges``; the seed when edges is empty and one
         point), add the regions found, record what each crossing covers, test the new
         polygons' edges and the open ones for shared stretches, and queue what stays
-        uncovered."""
+        uncovered. radius (N,): each point's first box (:meth:`_clip_in_boxes`; inf: the
+        extent)."""
         ob, u, v = self.ob, self.u, self.v
         as_t = lambda a: torch.as_tensor(a, dtype=ob.dtype, device=ob.device)  # noqa: E731
         xs = self.x0 + _combine(as_t(pts), u, v)
@@ -900,8 +1034,9 @@ class _Walk:
                 fresh.append(j)
                 seen.add(key)
         first = len(self.polys)
-        self._add_regions(config, gates, logits, rates, pts, ns, es, fresh, keys)
-        touched = self._record_crossings(edges, [self.index[k] for k in keys])
+        self._add_regions(config, gates, logits, rates, pts, ns, es, fresh, keys, radius)
+        self._cover_samples(first)
+        touched = self._record_crossings(edges, [self.index[k] for k in keys[:len(edges)]])
         new_open = self._open_edges(first)
         touched |= self._cover_by_known(first, new_open)
         # queue: the new polygons' edges in order, then the crossed edges still open
@@ -914,7 +1049,48 @@ class _Walk:
         self.queue += [t for t in new_open if t in self.at]
         self.queue += [int(t) for t in edges if int(t) in self.at]
 
-    def _add_regions(self, config, gates, logits, rates, pts, ns, es, fresh, keys):
+    def _clip_in_boxes(self, config, gates, pts, ns, es, radius):
+        """[(vertices, edge labels)] of each input's polygon, and the rows' layout.
+
+        Each polygon is first clipped inside the box pts[f] +- radius[f] (L-infinity) by
+        the rows whose lines meet that box: a polygon that keeps no vertex on the box's
+        boundary is the whole one (it is convex: were it to reach beyond the box, its part
+        inside would have an edge on the box). The rows are gathered once for a box
+        RADIUS_GROWTH times larger, where the others are clipped again; what reaches that
+        box too is clipped by every row that meets the extent."""
+        size = np.abs(self.start[None] - pts[:, None]).sum(axis=2).max(axis=1)
+        r = np.where(radius < size, radius, np.inf)
+        wide = np.where(r * RADIUS_GROWTH < size, r * RADIUS_GROWTH, np.inf)
+        rows_of, layout = _half_planes(self.ob, config, gates, pts, ns, es, self.start,
+                                       np.minimum(wide, size))
+        out = [None] * len(pts)
+        todo = np.arange(len(pts))
+        for box in (r, wide):
+            if todo.size == 0:
+                break
+            clipped = _polygons(self.ob, [_in_box(rows_of[i], pts[i], box[i])
+                                          for i in todo.tolist()], self.start)
+            again = []
+            for (verts, labels), i in zip(clipped, todo.tolist()):
+                if np.isfinite(box[i]) and (
+                        len(verts) < 3 or bool((labels == BOX).any())
+                        or float(np.abs(verts - pts[i]).max()) >= box[i] * (1 - BOX_MARGIN)):
+                    again.append(i)
+                else:
+                    out[i] = (verts, labels)
+            self.redone += len(again)
+            todo = np.array(again, dtype=np.int64)  # (an infinite box is never reached)
+        if todo.size:  # beyond the wide box: every row that meets the extent
+            sub = torch.as_tensor(todo)
+            rows_of, _ = _half_planes(self.ob, config[sub], gates[sub], pts[todo], ns[todo],
+                                      es[todo], self.start)
+            clipped = _polygons(self.ob, [(*rows_of[f], pts[i]) for f, i in
+                                          enumerate(todo.tolist())], self.start)
+            for f, i in enumerate(todo.tolist()):
+                out[i] = clipped[f]
+        return out, layout
+
+    def _add_regions(self, config, gates, logits, rates, pts, ns, es, fresh, keys, radius):
         """Clip the polygon of every fresh region and append it (``rates`` (3, B, C): the
         logits' derivatives along each point's n, e and u)."""
         verts_list, guess = [], []
@@ -926,12 +1102,10 @@ class _Walk:
                 sub = torch.as_tensor(part, dtype=torch.int64)
                 c_sub, g_sub, l_sub = config[sub], gates[sub], logits[sub]
                 r_sub = rates[:, sub.to(rates.device)]
-            rows_of, layout = _half_planes(self.ob, c_sub, g_sub, pts[part], ns[part],
-                                           es[part], self.start)
+            clipped, layout = self._clip_in_boxes(c_sub, g_sub, pts[part], ns[part],
+                                                  es[part], radius[part])
             hashes = self.states.hashes(c_sub, layout)
             w_all, b_all = _plane_llc(l_sub, r_sub, pts[part], ns[part], es[part])
-            clipped = _polygons(self.ob, [(*rows_of[f], pts[j]) for f, j in enumerate(part)],
-                                self.start)
             for f, j in enumerate(part):
                 if len(clipped[f][0]) < 3:
                     raise RuntimeError(
