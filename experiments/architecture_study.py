@@ -228,8 +228,9 @@ def _planes(ctx: Context, trained, test_set) -> Figure:
     e = s.plane_extent
     for ax, name in zip(axes, names):
         ob = OpenBox(trained[name], INPUT_SHAPE, dtype=torch.float64, domain=DOMAIN)
+        # starts=1: one walk from x0, so that a map cut by max_regions is x0's surroundings
         pm = plane(ob, x0, u, v, (0.0, e, 0.0, e), max_regions=s.plane_max_regions,
-                   progress=False)
+                   starts=1, progress=False)
         pm.plot(ax=ax, class_names=CLASSES)
         done = "" if pm.complete else f" (first {len(pm.polygons)}, incomplete)"
         ax.set_title(f"{name}: {len(pm.polygons)} regions{done}", fontsize=8)

@@ -719,6 +719,8 @@ def cmd_plane(args: argparse.Namespace) -> int:
     out = _check_out_dir(args.out)
     if not args.extent > 0:
         raise UsageError(f"--extent must be > 0, got {args.extent}")
+    if args.starts < 1:
+        raise UsageError(f"--starts must be >= 1, got {args.starts}")
     m = _load_model(args)
     ds, where = _two_images(args, m)
     _check_index(args.index, len(ds), where)
@@ -728,7 +730,8 @@ def cmd_plane(args: argparse.Namespace) -> int:
     e = args.extent
     started = time.perf_counter()
     pm = openbox_regions().plane(ob, ds.images[args.index], u, v, (-e, e, -e, e),
-                                 max_regions=args.max_regions, progress=True)
+                                 max_regions=args.max_regions, starts=args.starts,
+                                 progress=True)
     seconds = time.perf_counter() - started
     import matplotlib.pyplot as plt
 
@@ -1192,6 +1195,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="half-width of the square extent in (a, b)")
     p.add_argument("--max-regions", type=int, default=5000,
                    help="stop after this many regions (the map is then marked incomplete)")
+    p.add_argument("--starts", type=int, default=6,
+                   help="the walk starts from the image and an N x N grid over the extent "
+                        "(faster); 1: from the image alone, so that a map stopped by "
+                        "--max-regions shows the image's surroundings")
     _add_data(p)
     p.add_argument("--out", required=True, metavar="DIR", help="output folder (created)")
     p.add_argument("--dtype", choices=tuple(DTYPES), default="float64", help="working dtype")

@@ -169,6 +169,11 @@ def test_plane_bad_input():
         plane(ob, x, u, torch.zeros(2), progress=False)
     with pytest.raises(ValueError, match="non-zero"):
         plane(ob, x, u, torch.zeros(3), progress=False)
+    w = torch.tensor([0.0, 1.0, 0.0])
+    with pytest.raises(ValueError, match="starts must be a positive"):
+        plane(ob, x, u, w, starts=0, progress=False)
+    with pytest.raises(ValueError, match="batch must be a positive"):
+        plane(ob, x, u, w, batch=0, progress=False)
 
 
 def test_many_facets_through_one_vertex_regression():
@@ -368,20 +373,25 @@ def test_lockstep_polygons_match_one_polygon_at_a_time():
 
 def test_max_regions_stops_the_walk_with_a_part_of_the_full_map():
     """A walk stopped by max_regions says so, and what it found is part of the full map
-    (same keys, same polygons), the seed's region first."""
+    (same keys, same polygons), the seed's region first; from x0 alone (starts=1) it is
+    connected."""
     model = random_mlp(0, (2, 10, 10, 3))
     ob = openbox.OpenBox(model, (2,))
     args = (torch.zeros(2, dtype=F64), torch.tensor([1.0, 0.0]), torch.tensor([0.0, 1.0]),
             (-3, 3, -2, 2.5))
     full = plane(ob, *args, progress=False)
-    part = plane(ob, *args, max_regions=20, batch=4, progress=False)
-    assert full.complete and not part.complete
-    assert 20 <= len(part) < len(full)
-    assert part.coverage < 1
-    assert part.polygons[0].contains(np.zeros((1, 2)))[0]
     area = {p.region_key: p.area for p in full.polygons}
-    for p in part.polygons:
-        assert p.area == pytest.approx(area[p.region_key], rel=1e-9)
+    assert full.complete
+    for starts in (1, 6):
+        part = plane(ob, *args, max_regions=20, batch=4, starts=starts, progress=False)
+        assert not part.complete
+        assert 20 <= len(part) < len(full)
+        assert part.coverage < 1
+        assert part.polygons[0].contains(np.zeros((1, 2)))[0]
+        for p in part.polygons:
+            assert p.area == pytest.approx(area[p.region_key], rel=1e-9)
+        if starts == 1:  # one walk from x0: the regions found are x0's surroundings
+            assert nx.is_connected(part.graph)
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])

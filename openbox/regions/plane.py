@@ -70,6 +70,7 @@ BOX = -2
 """Edge label of a side of the box a polygon is first clipped in (never in a result)."""
 
 _BOX_G = np.array([[1.0, 0.0], [-1.0, 0.0], [0.0, 1.0], [0.0, -1.0]])
+_BOX_LABELS = np.full(4, BOX, dtype=np.int64)
 
 RADIUS_FACTOR = 3.0
 """A crossing's polygon is first clipped in the box of L-infinity radius RADIUS_FACTOR
@@ -453,8 +454,10 @@ def _in_box(rows, p: np.ndarray, radius: float):
         return G, h, labels, dist, p
     keep = dist <= radius
     (pa, pb), r = p, radius
-    return (np.vstack([G[keep], _BOX_G]), np.r_[h[keep], pa + r, r - pa, pb + r, r - pb],
-            np.r_[labels[keep], [BOX] * 4], np.r_[dist[keep], [r] * 4], p)
+    return (np.concatenate([G[keep], _BOX_G]),
+            np.concatenate([h[keep], [pa + r, r - pa, pb + r, r - pb]]),
+            np.concatenate([labels[keep], _BOX_LABELS]), np.concatenate([dist[keep], [r] * 4]),
+            p)
 
 
 def _polygons(ob, items, start: np.ndarray):
@@ -831,10 +834,12 @@ def plane(
         batch: frontier points configured per pass.
         starts: the walk grows from x0 and from the centres of a ``starts`` x ``starts``
             grid of cells over the extent that lie inside it (nearest x0 first; at most
-            ``batch`` points in all, configured in the first pass). Several waves meet
-            sooner than one grows over the whole extent: fewer, fuller batches, the same
-            map. 1: from x0 alone. A walk stopped by ``max_regions`` holds the regions
-            nearest the starts.
+            ``batch`` points in all, configured in the first pass), and fills batches that
+            the open edges leave short with probes (sample points no known polygon
+            holds). Several waves meet sooner than one grows over the whole extent: fewer,
+            fuller batches, the same map. 1: one breadth-first walk from x0, no probes (a
+            walk stopped by ``max_regions`` then holds the regions nearest x0; with more
+            starts, regions around all of them).
         progress: a tqdm bar over polygons found (default on).
 
     Returns:
@@ -872,7 +877,7 @@ def plane(
                 break
             pts, ns, es = walk.crossings(edges)
             radius = walk.first_radius(edges)
-            extra = walk.probes(int(batch) - len(edges), pts)
+            extra = walk.probes(int(batch) - len(edges) if int(starts) > 1 else 0, pts)
             if len(extra):
                 pts = np.vstack([pts, extra])
                 ns = np.vstack([ns, np.tile([1.0, 0.0], (len(extra), 1))])
@@ -1049,8 +1054,9 @@ class _Walk:
         self.queue += [t for t in new_open if t in self.at]
         self.queue += [int(t) for t in edges if int(t) in self.at]
 
-    def _clip_in_boxes(self, config, gates, pts, ns, es, radius):
-        """[(vertices, edge labels)] of each input's polygon, and the rows' layout.
+    def _clip_in_boxes(self, config, gates, pts, ns, es, radius, which):
+        """[(vertices, edge labels)] of the polygon of each input which[i], and the rows'
+        layout (the rows are formed for every input of the batch).
 
         Each polygon is first clipped inside the box pts[f] +- radius[f] (L-infinity) by
         the rows whose lines meet that box: a polygon that keeps no vertex on the box's
@@ -1064,7 +1070,7 @@ class _Walk:
         rows_of, layout = _half_planes(self.ob, config, gates, pts, ns, es, self.start,
                                        np.minimum(wide, size))
         out = [None] * len(pts)
-        todo = np.arange(len(pts))
+        todo = np.asarray(which, dtype=np.int64)
         for box in (r, wide):
             if todo.size == 0:
                 break
@@ -1088,33 +1094,43 @@ class _Walk:
                                           enumerate(todo.tolist())], self.start)
             for f, i in enumerate(todo.tolist()):
                 out[i] = clipped[f]
-        return out, layout
+        return [out[i] for i in which], layout
 
     def _add_regions(self, config, gates, logits, rates, pts, ns, es, fresh, keys, radius):
         """Clip the polygon of every fresh region and append it (``rates`` (3, B, C): the
-        logits' derivatives along each point's n, e and u)."""
+        logits' derivatives along each point's n, e and u). The batch goes in slices of
+        ROWS_CHUNK inputs (views, no copies); a slice's rows are formed for all its inputs
+        and used for its fresh ones."""
         verts_list, guess = [], []
-        for c0 in range(0, len(fresh), ROWS_CHUNK):
-            part = fresh[c0:c0 + ROWS_CHUNK]
-            if part == list(range(config.batch_size)):  # every point found a new region
+        b = config.batch_size
+        fresh = np.asarray(fresh, dtype=np.int64)
+        for c0 in range(0, b, ROWS_CHUNK):
+            c1 = min(b, c0 + ROWS_CHUNK)
+            part = fresh[(fresh >= c0) & (fresh < c1)]
+            if part.size == 0:
+                continue
+            if c1 - c0 == b:
                 c_sub, g_sub, l_sub, r_sub = config, gates, logits, rates
             else:
-                sub = torch.as_tensor(part, dtype=torch.int64)
-                c_sub, g_sub, l_sub = config[sub], gates[sub], logits[sub]
-                r_sub = rates[:, sub.to(rates.device)]
-            clipped, layout = self._clip_in_boxes(c_sub, g_sub, pts[part], ns[part],
-                                                  es[part], radius[part])
+                whole = slice(c0, c1)
+                c_sub, g_sub, l_sub, r_sub = config[whole], gates[whole], logits[whole], \
+                    rates[:, whole]
+            local = part - c0
+            at = slice(c0, c1)
+            clipped, layout = self._clip_in_boxes(c_sub, g_sub, pts[at], ns[at], es[at],
+                                                  radius[at], local)
             hashes = self.states.hashes(c_sub, layout)
-            w_all, b_all = _plane_llc(l_sub, r_sub, pts[part], ns[part], es[part])
-            for f, j in enumerate(part):
-                if len(clipped[f][0]) < 3:
+            w_all, b_all = _plane_llc(l_sub, r_sub, pts[at], ns[at], es[at])
+            w_all, b_all = w_all[local], b_all[local]
+            for (verts, _), j in zip(clipped, part.tolist()):
+                if len(verts) < 3:
                     raise RuntimeError(
                         f"plane: the region at (a, b) = {tuple(pts[j])} clips to an empty "
                         "polygon; its own configuration excludes the point it was found at"
                     )
             centres = _centroids([v for v, _ in clipped])
             predictions = np.argmax(np.einsum("fcd,fd->fc", w_all, centres) + b_all, axis=1)
-            for f, j in enumerate(part):
+            for f, j in enumerate(part.tolist()):
                 verts, labels = clipped[f]
                 poly = Polygon(verts, keys[j], int(predictions[f]), w_all[f], b_all[f], labels)
                 poly.__dict__["centroid"] = centres[f]  # the cached property, computed here
@@ -1122,9 +1138,9 @@ class _Walk:
                 self.graph.add_node(len(self.polys))
                 self.polys.append(poly)
                 verts_list.append(verts)
-            self.known_hashes.update(hashes[0].tolist())
+            self.known_hashes.update(hashes[0][local].tolist())
             counts = [len(labels) for _, labels in clipped]
-            guess.append(self.states.across(hashes, np.repeat(np.arange(len(part)), counts),
+            guess.append(self.states.across(hashes, np.repeat(local, counts),
                                             np.concatenate([labels for _, labels in clipped]),
                                             layout))
         self.edges.add(len(self.polys) - len(verts_list), verts_list)
