@@ -721,6 +721,9 @@ def cmd_plane(args: argparse.Namespace) -> int:
         raise UsageError(f"--extent must be > 0, got {args.extent}")
     if args.starts < 1:
         raise UsageError(f"--starts must be >= 1, got {args.starts}")
+    if DTYPES[args.dtype] != torch.float64:
+        raise UsageError(f"plane maps need --dtype float64, got {args.dtype} (the walk's "
+                         "geometric tolerances hold only above float64 rounding)")
     m = _load_model(args)
     ds, where = _two_images(args, m)
     _check_index(args.index, len(ds), where)

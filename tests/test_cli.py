@@ -653,6 +653,7 @@ def test_plane_writes_a_map(tiny_model, capsys):
     (["plane", "--index", "3", "--directions", "sideways", "--out", "o"], "expected random"),
     (["plane", "--index", "3", "--extent", "0", "--out", "o"], "--extent must be > 0"),
     (["plane", "--index", "3", "--starts", "0", "--out", "o"], "--starts must be >= 1"),
+    (["plane", "--index", "3", "--dtype", "float32", "--out", "o"], "need --dtype float64"),
 ])
 def test_segment_and_plane_arguments(tiny_model, capsys, args, needle):
     line = main_error(capsys, *args[:1], "--model", "tiny_nets:make", "--weights", "t.pt",

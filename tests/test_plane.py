@@ -174,6 +174,9 @@ def test_plane_bad_input():
         plane(ob, x, u, w, starts=0, progress=False)
     with pytest.raises(ValueError, match="batch must be a positive"):
         plane(ob, x, u, w, batch=0, progress=False)
+    ob32 = openbox.OpenBox(random_mlp(8, (3, 6, 2)), (3,), dtype=torch.float32)
+    with pytest.raises(ValueError, match="need an OpenBox in torch.float64"):
+        plane(ob32, x.float(), u, w, progress=False)
 
 
 def test_many_facets_through_one_vertex_regression():

@@ -845,8 +845,16 @@ def plane(
     Returns:
         a :class:`PlaneMap`. Exactness: the polygons' areas sum to the clipped extent's
         (``coverage`` 1 to ~1e-12), no two overlap, and every point's region key is its
-        polygon's (tests check all three).
+        polygon's (tests check all three). float64 only (a float32 OpenBox is refused:
+        the walk's geometric tolerances sit above float64 rounding, below float32's).
     """
+    if ob.dtype != torch.float64:
+        # the walk's geometric tolerances (INSIDE_REL, EDGE_FRACTION, VERTEX_MERGE, ...) are
+        # set above float64 rounding; float32 rows put polygon vertices ~1e-7 apart, past
+        # them, and a crossing then lands where no polygon claims the edge
+        raise ValueError(f"plane maps need an OpenBox in torch.float64 (this one works in "
+                         f"{ob.dtype}): the walk's geometric tolerances hold only above "
+                         "float64 rounding; build it with dtype=torch.float64")
     x0 = ob.check_point(x0, "x0")
     u, v = _check_directions(ob, u, v)
     if int(batch) < 1:
