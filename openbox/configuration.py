@@ -661,6 +661,11 @@ def _pool_grid(node: MaxPool):
     return grid
 
 
+def pool_grid(node: MaxPool):
+    """:func:`_pool_grid` (the public name, for :mod:`openbox.constraints`)."""
+    return _pool_grid(node)
+
+
 _POOL_STARTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 """MaxPool node with a grid (:func:`_pool_grid`) -> (start (n_out,), offsets (K,)) int64:
 ``window[o, j] = start[o] + offsets[j]``."""

@@ -41,7 +41,8 @@ import torch
 from torch import Tensor
 
 from linearize import MaxPool, Program, ReLU
-from openbox.configuration import Configuration, GateValues, any_true, flat_nonzero
+from openbox.configuration import (Configuration, GateValues, any_true, flat_nonzero,
+                                   pool_grid)
 from openbox.linear_maps import FixedForward, gate_support
 from openbox.tolerances import Tolerances
 
@@ -437,6 +438,12 @@ def _oriented_rows(program: Program, config: Configuration, gates: GateValues,
                     [(tol.same_slope(di, dj) & tol.same_slope(dj, di)).flatten(1)
                      for di, dj in zip(dis, djs)]
                 continue
+            grid = pool_grid(node)
+            if grid is not None and z.is_contiguous() and all(d.stride(1) == 1 for d in ders):
+                yield (k, *_pool_rows_near(node, grid, config.select[k].reshape(b, -1),
+                                           config.index[k].reshape(b, -1), z, ders, tol,
+                                           near))
+                continue
             # the entries position by position, (B, K, n_out): the windows' selected entry
             # broadcasts along the last, contiguous axis (and gather on an expanded index
             # is ~4x index_select on CPU)
@@ -468,6 +475,76 @@ def _oriented_rows(program: Program, config: Configuration, gates: GateValues,
             djs = [dj.reshape(-1)[window] for dj in djs]
             yield (k, m, index, slack.reshape(-1)[at], [dj - di for di, dj in zip(dis, djs)],
                    [tol.same_slope(di, dj) & tol.same_slope(dj, di) for di, dj in zip(dis, djs)])
+
+
+NEAR_WINDOW_MARGIN = 1e-9
+"""Relative margin of :func:`_pool_rows_near`'s window test over the exact one (its sum of
+four absolute rates is grouped otherwise than the exact reach: rounding either way is a
+few ulps)."""
+
+
+def _pool_rows_near(node: MaxPool, grid, sel: Tensor, index: Tensor, z: Tensor,
+                    ders: list[Tensor], tol: Tolerances, near: Tensor):
+    """:func:`_oriented_rows`' near rows of a max-pool whose windows are a regular grid:
+    (m, index (P,), slack (P,), [rate (P,)], [flat (P,)]), the same values, bit for bit.
+
+    A window's rows are formed only if one of its entries i passes a wider test than the
+    exact ``slack_i < near * reach_i``: ``slack_i < near * (R_j + R_i) (1 + margin)``,
+    R the sum of an entry's absolute rates and j the selected entry (``reach_i <= R_j +
+    R_i``), over the entries other than the selected one (whose slack and reach are 0).
+    It runs on strided views, one per window position (no gathered copies); on a walk's
+    points a few windows in a hundred pass it.
+
+    z (B, n_in) the gate input, ders [(B, n_in)] its derivatives (rows contiguous, a
+    row stride of 0 for a shared one), sel (B, n_out) the selected window positions,
+    index (B, n_out) the selected entries' flat positions, near (B, 1)."""
+    b = z.shape[0]
+    base, sizes, strides, offsets = grid
+    n_out, kk = node.window.shape
+    m = n_out * kk
+    grid_shape = (b, *sizes)
+
+    def views(t):
+        """(B, *out_shape) strided views of t, one per window position."""
+        step = t.stride(0)  # 0: one row shared by the batch
+        flat = (t if step else t[:1]).reshape(-1)
+        at = flat.storage_offset() + base
+        return [flat.as_strided(grid_shape, (step, *strides), at + off) for off in offsets]
+
+    zj = z.gather(1, index)  # (B, n_out)
+    djs = [d.expand(b, -1).gather(1, index) for d in ders]
+    rj = djs[0].abs()
+    for dj in djs[1:]:
+        rj += dj.abs()
+    zj_g, rj_g, sel_g = zj.view(grid_shape), rj.view(grid_shape), sel.view(grid_shape)
+    bound = (near * (1.0 + NEAR_WINDOW_MARGIN)).view(b, *[1] * len(sizes))
+    dviews = [views(d) for d in ders]
+    cand = torch.zeros(grid_shape, dtype=torch.bool, device=z.device)
+    for o, zo in enumerate(views(z)):
+        s = (zj_g - zo).masked_fill_(tol.pool_tied(zo, zj_g), 0.0)
+        r = dviews[0][o].abs()
+        for dv in dviews[1:]:
+            r += dv[o].abs()
+        cand |= (s < r.add_(rj_g).mul_(bound)) & (sel_g != o)
+    win = flat_nonzero(cand).to(z.device)  # (W,) b * n_out + o, ascending
+    bi, oi = win // n_out, win % n_out
+    rows, cols = bi.unsqueeze(1), node.window.to(z.device)[oi]  # (W, 1), (W, K)
+    zi = z[rows, cols]
+    zjw = zj.reshape(-1)[win].unsqueeze(1)
+    dis = [d.expand(b, -1)[rows, cols] for d in ders]
+    djw = [dj.reshape(-1)[win].unsqueeze(1) for dj in djs]
+    # the exact test, as the gathered path computes it
+    reach = (djw[0] - dis[0]).abs_()
+    for di, dj in zip(dis[1:], djw[1:]):
+        reach += (dj - di).abs_()
+    slack = (zjw - zi).masked_fill_(tol.pool_tied(zi, zjw), 0.0)
+    hit = slack < reach.mul_(near.reshape(-1)[bi].unsqueeze(1))
+    w_at, pos = hit.nonzero(as_tuple=True)  # ascending: b, then o, then the position
+    out = bi[w_at] * m + oi[w_at] * kk + pos  # the layout's b * m + o * K + pos
+    dis = [di[w_at, pos] for di in dis]
+    djs = [dj[w_at, 0] for dj in djw]
+    return (m, out, slack[w_at, pos], [dj - di for di, dj in zip(dis, djs)],
+            [tol.same_slope(di, dj) & tol.same_slope(dj, di) for di, dj in zip(dis, djs)])
 
 
 def rows_along(

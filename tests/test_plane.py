@@ -568,3 +568,54 @@ def test_probe_samples_are_covered_by_the_polygons_that_contain_them():
     assert gaps.min() >= walk.last_size
     hit = [int(np.flatnonzero((walk.samples == q).all(axis=1))[0]) for q in got]
     assert free[hit].all() and not walk.uncovered[hit].any()
+
+
+@pytest.mark.parametrize("shared", [False, True])
+def test_rows_in_plane_near_on_grid_pools_is_the_gathered_path(monkeypatch, shared):
+    """The grid pools' near rows (a window test on strided views, then the exact test on
+    the windows that pass it) equal the gathered path's bit for bit, on a pool that reads
+    the input (its derivatives one shared row when the directions are shared) and one
+    after a ReLU, with a zero background (tied, flat windows)."""
+    from collections import OrderedDict
+
+    from openbox import configuration as cfg
+    from openbox.configuration import configure
+    from openbox.constraints import rows_in_plane
+
+    torch.manual_seed(3)
+    model = torch.nn.Sequential(OrderedDict(
+        pool0=torch.nn.MaxPool2d(2), conv=torch.nn.Conv2d(1, 3, 3, padding=1),
+        relu=torch.nn.ReLU(), pool=torch.nn.MaxPool2d(2), flatten=torch.nn.Flatten(),
+        fc=torch.nn.Linear(3 * 3 * 3, 4))).double().eval()
+    ob = openbox.OpenBox(model, (1, 12, 12))
+    pools = [n for n in ob.program.nodes if type(n).__name__ == "MaxPool"]
+    assert len(pools) == 2 and all(cfg.pool_grid(n) is not None for n in pools)
+    g = torch.Generator().manual_seed(8)
+    n = 40
+    xs = torch.rand((n, 1, 12, 12), generator=g, dtype=F64)
+    xs[0] = 0.0
+    xs[1, :, :6] = 0.0
+    d = torch.randn((2, 1 if shared else n, 1, 12, 12), generator=g, dtype=F64)
+    d[:, :, :, :4] = 0.0  # flat along both directions there: tied windows stay tied
+    dirs = torch.cat([d, ob.direction.expand(1, *d.shape[1:])])
+    if shared:
+        dirs = dirs[:, 0]  # (D, *input_shape): one row per direction
+    # distances from none to all, densely in between: rows at every side of the threshold
+    near = torch.cat([torch.tensor([0.0, float("inf")], dtype=F64),
+                      torch.logspace(-4, 1, n - 2, dtype=F64)])
+    _, config, gates, _ = configure(ob.program, xs, dirs, ob.tol, record=True)
+    if shared:
+        k0 = ob.program.gates[0]
+        assert gates.derivatives[k0].reshape(n, -1).stride(0) == 0
+    grid = rows_in_plane(ob.program, config, gates, ob.tol, near=near)
+    monkeypatch.setattr(cfg, "_pool_grid", lambda node: None)
+    gathered = rows_in_plane(ob.program, config, gates, ob.tol, near=near)
+    assert len(grid) == len(gathered) == 3
+    kept = 0
+    for a, b in zip(grid, gathered):
+        assert a[:2] == b[:2]
+        for x, y in zip(a[2:], b[2:]):
+            assert x.dtype == y.dtype
+            np.testing.assert_array_equal(x.numpy(), y.numpy())
+        kept += len(a[2])
+    assert kept > 0
