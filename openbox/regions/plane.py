@@ -63,6 +63,10 @@ edges of rounding length whose direction is noise)."""
 INSIDE_REL = 1e-9
 """Relative tolerance of "a segment's part inside a polygon" (:func:`_segment_inside`)."""
 
+CONTAINS_REL = 1e-9
+"""Default tolerance of :meth:`Polygon.contains` (a fraction of the polygon's diameter plus
+its coordinates' size); the probes' coverage test uses the same."""
+
 BOUNDARY = -1
 """Edge label of the extent's (or the domain's) boundary: nothing to cross."""
 
@@ -121,7 +125,7 @@ class Polygon:
         """(N, C) the region's affine logits at points ab (N, 2)."""
         return np.atleast_2d(ab) @ self.weight.T + self.bias
 
-    def contains(self, ab: np.ndarray, tol: float = 1e-9) -> np.ndarray:
+    def contains(self, ab: np.ndarray, tol: float = CONTAINS_REL) -> np.ndarray:
         """(N,) bool: points inside the closed polygon, to ``tol`` times its diameter plus
         its coordinates' size."""
         ab = np.atleast_2d(np.asarray(ab, dtype=np.float64))
@@ -583,13 +587,19 @@ def _inside(verts: np.ndarray, q: np.ndarray) -> bool:
     return bool(np.all(cross > 0))
 
 
+def _cell_centres(start: np.ndarray, n: int) -> np.ndarray:
+    """(n * n, 2) the centres of an n x n grid of cells over the polygon ``start``'s box,
+    row-major (cell (i, j) at i * n + j)."""
+    lo, hi = start.min(0), start.max(0)
+    c = (np.arange(n) + 0.5) / n
+    return lo + np.stack(np.meshgrid(c, c, indexing="ij"), axis=-1).reshape(-1, 2) * (hi - lo)
+
+
 def _starts(start: np.ndarray, origin: np.ndarray, n: int, most: int) -> np.ndarray:
     """(<= most, 2) the walk's first points: the origin, then the centres of an n x n grid
     of cells over the polygon ``start``'s box that lie strictly inside it, nearest the
     origin first."""
-    lo, hi = start.min(0), start.max(0)
-    c = (np.arange(n) + 0.5) / n
-    grid = lo + np.stack(np.meshgrid(c, c, indexing="ij"), axis=-1).reshape(-1, 2) * (hi - lo)
+    grid = _cell_centres(start, n)
     grid = grid[[_inside(start, q) and not np.array_equal(q, origin) for q in grid]]
     grid = grid[np.argsort(np.abs(grid - origin).sum(axis=1), kind="stable")]
     return np.vstack([origin[None], grid])[:max(most, 1)]
@@ -921,14 +931,11 @@ class _Walk:
         self.known_hashes: set[int] = set()
         # the probes: a PROBE_GRID x PROBE_GRID grid of cell centres over the extent's box,
         # drawn in a fixed shuffled order; a sample inside a known polygon is covered
-        lo, hi = start.min(0), start.max(0)
-        c = (np.arange(PROBE_GRID) + 0.5) / PROBE_GRID
-        self.sample_lo, self.sample_step = lo, (hi - lo) / PROBE_GRID
-        self.samples = lo + np.stack(np.meshgrid(c, c, indexing="ij"), -1).reshape(-1, 2) * (
-            hi - lo)
+        self.sample_lo = start.min(0)
+        self.sample_step = (start.max(0) - self.sample_lo) / PROBE_GRID
+        self.samples = _cell_centres(start, PROBE_GRID)
         self.uncovered = np.array([_inside(start, q) for q in self.samples])
         self.sample_order = np.random.default_rng(0x9A7E).permutation(len(self.samples))
-        self.redone = 0  # polygons clipped again in a larger box
         self.last_size = 0.0  # the regions found last: median side (square root of area)
 
     # -- the frontier
@@ -1021,7 +1028,7 @@ class _Walk:
         length = np.maximum(np.linalg.norm(e, axis=2), 1e-300)
         dist = (e[..., 0] * (q[..., 1] - a[..., 1]) - e[..., 1] * (q[..., 0] - a[..., 0])) / length
         size = (np.linalg.norm(hi - lo, axis=1) + np.abs(v).max(axis=(1, 2)))[f]
-        inside = np.all(dist >= -1e-9 * size[:, None], axis=1)
+        inside = np.all(dist >= -CONTAINS_REL * size[:, None], axis=1)
         self.uncovered[idx[inside]] = False
 
     # -- one batch
@@ -1092,7 +1099,6 @@ class _Walk:
                     again.append(i)
                 else:
                     out[i] = (verts, labels)
-            self.redone += len(again)
             todo = np.array(again, dtype=np.int64)  # (an infinite box is never reached)
         if todo.size:  # beyond the wide box: every row that meets the extent
             sub = torch.as_tensor(todo)
