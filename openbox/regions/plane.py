@@ -67,6 +67,11 @@ CONTAINS_REL = 1e-9
 """Default tolerance of :meth:`Polygon.contains` (a fraction of the polygon's diameter plus
 its coordinates' size); the probes' coverage test uses the same."""
 
+DOMAIN_MARGIN = 1e-9
+"""The extent is clipped to the domain only by the rows within this fraction of its
+corners' size (times the row's L1 norm) of cutting its rectangle (the others cannot cut
+it: the clipped polygon lies in the rectangle to rounding ~1e-16 relative)."""
+
 BOUNDARY = -1
 """Edge label of the extent's (or the domain's) boundary: nothing to cross."""
 
@@ -376,6 +381,14 @@ def _extent_polygon(ob, x0: Tensor, u: Tensor, v: Tensor, extent) -> np.ndarray:
         G = np.vstack([np.c_[uu, vv], -np.c_[uu, vv]])
         H = np.r_[hi - x, x - lo]
         finite = np.isfinite(H) & np.any(G != 0, axis=1)
+        # only rows that cut the rectangle can cut the polygon clipped from it, whose
+        # vertices lie in the rectangle up to rounding: a row whose every corner is
+        # inside by more than DOMAIN_MARGIN of the corners' size (times |g|_1, far above
+        # that rounding) leaves the polygon as it is (_clip returns it unchanged); the
+        # rest are clipped by in order, as before
+        size = float(np.abs(verts).max())
+        cuts = (verts @ G.T - H).max(axis=0) > -DOMAIN_MARGIN * size * np.abs(G).sum(axis=1)
+        finite &= cuts
         for g, h in zip(G[finite], H[finite]):
             verts, labels = _clip(verts, labels, g, h, BOUNDARY)
             if len(verts) < 3:
@@ -582,9 +595,18 @@ def _compact(v: np.ndarray, lab: np.ndarray, keep: np.ndarray):
 
 
 def _inside(verts: np.ndarray, q: np.ndarray) -> bool:
-    p, r = verts, _next(verts)
-    cross = (r[:, 0] - p[:, 0]) * (q[1] - p[:, 1]) - (r[:, 1] - p[:, 1]) * (q[0] - p[:, 0])
-    return bool(np.all(cross > 0))
+    """q (2,) lies strictly inside the convex CCW polygon verts (K, 2)."""
+    return bool(_inside_all(verts, q[None])[0])
+
+
+def _inside_all(verts: np.ndarray, qs: np.ndarray) -> np.ndarray:
+    """(N,) bool: each point qs (N, 2) lies strictly inside the convex CCW polygon verts
+    (K, 2) (every edge's cross product positive)."""
+    p, r = verts[None], _next(verts)[None]
+    q = qs[:, None]
+    cross = (r[..., 0] - p[..., 0]) * (q[..., 1] - p[..., 1]) - (r[..., 1] - p[..., 1]) * (
+        q[..., 0] - p[..., 0])
+    return np.all(cross > 0, axis=1)
 
 
 def _cell_centres(start: np.ndarray, n: int) -> np.ndarray:
@@ -600,7 +622,7 @@ def _starts(start: np.ndarray, origin: np.ndarray, n: int, most: int) -> np.ndar
     of cells over the polygon ``start``'s box that lie strictly inside it, nearest the
     origin first."""
     grid = _cell_centres(start, n)
-    grid = grid[[_inside(start, q) and not np.array_equal(q, origin) for q in grid]]
+    grid = grid[_inside_all(start, grid) & np.any(grid != origin, axis=1)]
     grid = grid[np.argsort(np.abs(grid - origin).sum(axis=1), kind="stable")]
     return np.vstack([origin[None], grid])[:max(most, 1)]
 
@@ -934,7 +956,7 @@ class _Walk:
         self.sample_lo = start.min(0)
         self.sample_step = (start.max(0) - self.sample_lo) / PROBE_GRID
         self.samples = _cell_centres(start, PROBE_GRID)
-        self.uncovered = np.array([_inside(start, q) for q in self.samples])
+        self.uncovered = _inside_all(start, self.samples)
         self.sample_order = np.random.default_rng(0x9A7E).permutation(len(self.samples))
         self.last_size = 0.0  # the regions found last: median side (square root of area)
 
