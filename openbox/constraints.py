@@ -32,6 +32,7 @@ Region walks use these; none re-derives them.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from math import prod
 from typing import NamedTuple
@@ -40,7 +41,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from linearize import MaxPool, Program, ReLU
+from linearize import Add, Affine, MaxPool, Program, ReLU
 from openbox.configuration import (Configuration, GateValues, any_true, flat_nonzero,
                                    pool_grid)
 from openbox.linear_maps import FixedForward, gate_support
@@ -387,7 +388,7 @@ def certified_radius_pair(
 
 def _oriented_rows(program: Program, config: Configuration, gates: GateValues,
                    tol: Tolerances, derivatives: list[dict[int, Tensor]],
-                   near: Tensor | None = None):
+                   near: Tensor | None = None, only: dict[int, Tensor] | None = None):
     """Per gate: (k, slack (B, m_k), [rate (B, m_k) per derivative set], [flat (B, m_k) per
     set]) laid out as :func:`rows_along` says; ``flat`` marks rows whose two sides the
     pass would call equal along that direction (same-function tolerance).
@@ -398,10 +399,13 @@ def _oriented_rows(program: Program, config: Configuration, gates: GateValues,
     ``b * m_k + row`` in the layout above, ascending; each value is the one the dense
     layout holds (the same elementwise arithmetic on the same entries). The test's slack
     and ``sum_d |rate_d|`` are computed for every row, the returned rates and flats only
-    for these rows."""
+    for these rows; with ``only`` ({gate k: (c,) int64 ascending}, see
+    :class:`PlaneScreen`) only for the rows of those units (ReLU) or windows (a max-pool
+    on a grid): the caller vouches that no other row of gate k passes the test."""
     b = config.batch_size
     if near is not None:
         near = near.reshape(b, 1)
+    only = only or {}
 
     for k in program.gates:
         node = program.nodes[k]
@@ -415,12 +419,26 @@ def _oriented_rows(program: Program, config: Configuration, gates: GateValues,
                 continue
             m = z.shape[1]
             on = config.on[k].reshape(b, -1)
+            cols = only.get(k)
+            if cols is not None:  # the screened units' columns: the same values
+                cols = cols.to(z.device)
+                at = cols.expand(b, -1)  # a gather on it: ~3x index_select's speed on the CPU
+                z, on = z.gather(1, at), on.gather(1, at)
+                ders = [dz.expand(b, -1).gather(1, at) for dz in ders]
             # _relu_slack's values, in place: sign z (sign exactly +-1), 0 where tied
             slack = on.to(z.dtype).mul_(2.0).sub_(1.0).mul_(z).masked_fill_(tol.relu_tied(z), 0.0)
             reach = ders[0].abs()  # |rate| = |sign dz| = |dz|
             for dz in ders[1:]:
                 reach += dz.abs()
             index = flat_nonzero(slack < reach.mul_(near)).to(z.device)
+            if cols is not None:
+                c = max(cols.numel(), 1)  # (no column: no index)
+                on, slack, ders = on.reshape(-1), slack.reshape(-1), [d.reshape(-1) for d in ders]
+                sign = torch.where(on[index], 1.0, -1.0).to(z.dtype)
+                dzs = [dz[index] for dz in ders]
+                yield (k, m, index // c * m + cols[index % c], slack[index],
+                       [sign * dz for dz in dzs], [~tol.relu_moving(dz) for dz in dzs])
+                continue
             sign = torch.where(on.reshape(-1)[index], 1.0, -1.0).to(z.dtype)
             slack = slack.reshape(-1)[index]
             dzs = [dz.reshape(-1)[index] for dz in ders]
@@ -440,9 +458,13 @@ def _oriented_rows(program: Program, config: Configuration, gates: GateValues,
                 continue
             grid = pool_grid(node)
             if grid is not None and z.is_contiguous() and all(d.stride(1) == 1 for d in ders):
-                yield (k, *_pool_rows_near(node, grid, config.select[k].reshape(b, -1),
-                                           config.index[k].reshape(b, -1), z, ders, tol,
-                                           near))
+                index = config.index[k].reshape(b, -1)
+                if k in only:  # the screened windows of every input: the exact test
+                    yield (k, *_pool_rows_windows(node, only[k].to(z.device), index, z, ders,
+                                                  tol, near))
+                else:
+                    yield (k, *_pool_rows_near(node, grid, config.select[k].reshape(b, -1),
+                                               index, z, ders, tol, near))
                 continue
             # the entries position by position, (B, K, n_out): the windows' selected entry
             # broadcasts along the last, contiguous axis (and gather on an expanded index
@@ -526,13 +548,24 @@ def _pool_rows_near(node: MaxPool, grid, sel: Tensor, index: Tensor, z: Tensor,
         for dv in dviews[1:]:
             r += dv[o].abs()
         cand |= (s < r.add_(rj_g).mul_(bound)) & (sel_g != o)
-    win = flat_nonzero(cand).to(z.device)  # (W,) b * n_out + o, ascending
+    return _pool_rows_at(node, flat_nonzero(cand).to(z.device), index, z, ders, tol, near)
+
+
+def _pool_rows_at(node: MaxPool, win: Tensor, index: Tensor, z: Tensor, ders: list[Tensor],
+                  tol: Tolerances, near: Tensor):
+    """:func:`_pool_rows_near`'s exact test on the windows ``win`` ((W,) ``b * n_out +
+    o``, ascending) only, on their gathered entries: the rows of those windows that pass
+    it, as :func:`_oriented_rows` returns them (index (B, n_out) the selected entries)."""
+    b = z.shape[0]
+    n_out, kk = node.window.shape
+    m = n_out * kk
     bi, oi = win // n_out, win % n_out
     rows, cols = bi.unsqueeze(1), node.window.to(z.device)[oi]  # (W, 1), (W, K)
     zi = z[rows, cols]
-    zjw = zj.reshape(-1)[win].unsqueeze(1)
+    at = index.reshape(-1)[win].unsqueeze(1)  # the selected entries' flat positions
+    zjw = z[rows, at]
     dis = [d.expand(b, -1)[rows, cols] for d in ders]
-    djw = [dj.reshape(-1)[win].unsqueeze(1) for dj in djs]
+    djw = [d.expand(b, -1)[rows, at] for d in ders]
     # the exact test, as the gathered path computes it
     reach = (djw[0] - dis[0]).abs_()
     for di, dj in zip(dis[1:], djw[1:]):
@@ -544,6 +577,38 @@ def _pool_rows_near(node: MaxPool, grid, sel: Tensor, index: Tensor, z: Tensor,
     dis = [di[w_at, pos] for di in dis]
     djs = [dj[w_at, 0] for dj in djw]
     return (m, out, slack[w_at, pos], [dj - di for di, dj in zip(dis, djs)],
+            [tol.same_slope(di, dj) & tol.same_slope(dj, di) for di, dj in zip(dis, djs)])
+
+
+def _pool_rows_windows(node: MaxPool, c: Tensor, index: Tensor, z: Tensor,
+                       ders: list[Tensor], tol: Tolerances, near: Tensor):
+    """:func:`_pool_rows_at` on the windows c ((C,) ascending) of every input: the same
+    rows, bit for bit (the same elementwise expressions), gathered by column."""
+    b = z.shape[0]
+    n_out, kk = node.window.shape
+    m, n_c = n_out * kk, c.numel()
+    # gathers on an expanded index: ~3x index_select's speed on the CPU
+    cols = node.window.to(z.device)[c].reshape(1, -1)  # (1, C K)
+    at = index.gather(1, c.expand(b, -1))  # (B, C) the selected entries' flat positions
+    zi = z.gather(1, cols.expand(b, -1)).view(b, n_c, kk)
+    zj = z.gather(1, at).unsqueeze(2)  # (B, C, 1)
+    shared = [d.stride(0) == 0 for d in ders]
+    dis = [(d[:1].gather(1, cols).view(1, n_c, kk) if sh
+            else d.gather(1, cols.expand(b, -1)).view(b, n_c, kk))
+           for d, sh in zip(ders, shared)]  # (B or 1, C, K)
+    djs = [d.expand(b, -1).gather(1, at).unsqueeze(2) for d in ders]
+    reach = (djs[0] - dis[0]).abs_()
+    for di, dj in zip(dis[1:], djs[1:]):
+        reach += (dj - di).abs_()
+    slack = (zj - zi).masked_fill_(tol.pool_tied(zi, zj), 0.0)
+    hit = flat_nonzero(slack < reach.mul_(near.view(b, 1, 1))).to(z.device)
+    width = max(n_c * kk, 1)  # (no window: no hit)
+    bi, rest = hit // width, hit % width  # ascending: b, then window, then position
+    ci, pos = rest // kk, rest % kk
+    out = bi * m + c[ci] * kk + pos  # the layout's b * m + o * K + pos
+    dis = [di.reshape(-1)[rest if sh else hit] for di, sh in zip(dis, shared)]
+    djs = [dj.reshape(-1)[bi * n_c + ci] for dj in djs]
+    return (m, out, slack.reshape(-1)[hit], [dj - di for di, dj in zip(dis, djs)],
             [tol.same_slope(di, dj) & tol.same_slope(dj, di) for di, dj in zip(dis, djs)])
 
 
@@ -576,7 +641,7 @@ def rows_along(
 
 def rows_in_plane(
     program: Program, config: Configuration, gates: GateValues, tol: Tolerances,
-    *, near: Tensor | None = None,
+    *, near: Tensor | None = None, only: dict[int, Tensor] | None = None,
 ) -> list[tuple]:
     """Every gate row of each input's region restricted to the plane ``x + s d1 + t d2``,
     d1 and d2 the first two directions of the pass that made ``gates`` (it must have been
@@ -588,7 +653,9 @@ def rows_in_plane(
     ``slack + s rate1 + t rate2 = 0`` passes within L-infinity distance near[b] of
     (s, t) = (0, 0), ``slack < near[b] (|rate1| + |rate2|)``, are returned (a row with
     both rates 0 is constant over the plane: it has no line and is never returned), in a
-    flat form; the full (B, m_k) rows are never formed.
+    flat form; the full (B, m_k) rows are never formed. ``only`` (with ``near``):
+    :meth:`PlaneScreen.only`, the units and windows of the first gates that can have
+    such rows (the others are not formed at all; the result is the same).
 
     Returns:
         [(gate node k, slack (B, m_k), rate1 (B, m_k), rate2 (B, m_k))] in gate order;
@@ -607,11 +674,165 @@ def rows_in_plane(
             out.append((k, slack, torch.where(both, zero, r1), torch.where(both, zero, r2)))
         return out
     for k, m, index, slack, (r1, r2), (f1, f2) in _oriented_rows(program, config, gates, tol,
-                                                                dirs, near):
+                                                                dirs, near, only):
         # the tied rows flat along both directions have rates 0 here: no line
         live = ((r1 != 0) | (r2 != 0)) & ~((slack == 0) & f1 & f2)
         out.append((k, m, index[live], slack[live], r1[live], r2[live]))
     return out
+
+
+PLANE_SCREEN_MARGIN = 1e-9
+""":class:`PlaneScreen`'s relative margin over the rounding of the pass's gate values: an
+error bound of ``margin * S`` on a value whose terms have absolute sum S (one float64
+pass rounds to ~1e-16 S per operation, a few hundred operations deep at most), and a
+factor ``1 + margin`` on every product the near test rounds."""
+
+
+SQRT2 = math.sqrt(2.0) * (1.0 + 1e-15)  # rounded up
+
+
+class PlaneScreen:
+    """Which rows of a program's first gates can come near the points of a plane box:
+    the rows :func:`rows_in_plane` (``near=``) can return there, for ``only=``.
+
+    On the plane ``{x0 + a u + b v : (a, b) in box}`` a gate input that only Affine and
+    Add nodes compute from the network's input is the same affine function in every
+    region, ``z = z0 + a zu + b zv``; so is each ReLU row of such an input, and the
+    max-pool rows of a pool that reads such a value or the output of such a ReLU (its
+    entries ``s z``, s 1 or the slope: constant over the box wherever the unit's sign
+    is). A unit whose |z| stays above ``q (|dz_n| + |dz_e|)`` over the whole box, and a
+    window whose every pair of entries stays apart by more than ``q`` times their
+    relative rates and by more than the tie tolerance, has no row passing the near test
+    of any point of the box at a distance ``near <= q``: :meth:`only` leaves it out.
+    Everything else (other gates, windows with padding, units whose sign can change,
+    windows holding one) is a candidate, and rows_in_plane tests those as it would
+    have (the same rows, bit for bit; a test holds it to that).
+
+    (n, e) are orthonormal in (a, b), so a row's two rates have ``r_n^2 + r_e^2 =
+    |grad|^2`` and ``|r_n| + |r_e| <= sqrt(2) |grad|``: the test ``slack < near (|r_n| +
+    |r_e|)`` fails wherever ``slack >= sqrt(2) near |grad|``.
+
+    The bounds take the pass's rounding into account: the gate values computed at a
+    point of the box differ from the exact ``z0 + a zu + b zv`` by at most
+    ``PLANE_SCREEN_MARGIN`` times the absolute sum of their terms (the same prefix on
+    |x0|, |u|, |v| with |weights| and |biases|), far above float64 rounding; (n, e) are
+    unit vectors in (a, b), so ``|dz_n|, |dz_e| <= hypot(zu, zv)`` up to the same.
+
+    Args:
+        program: the OpenBox's program; tol its tolerances.
+        x0 (1 or none, *input_shape), u, v (*input_shape): the plane.
+        lo, hi: (2,) the box of (a, b) the points lie in.
+    """
+
+    def __init__(self, program: Program, tol: Tolerances, x0: Tensor, u: Tensor, v: Tensor,
+                 lo, hi):
+        m = PLANE_SCREEN_MARGIN
+        (a0, b0), (a1, b1) = (float(t) for t in lo), (float(t) for t in hi)
+        if not (a0 <= a1 and b0 <= b1):
+            raise ValueError(f"PlaneScreen: the box must have lo <= hi, got {lo}, {hi}")
+        self.lo, self.hi = np.array([a0, b0]), np.array([a1, b1])
+        big_a, big_b = max(abs(a0), abs(a1)), max(abs(b0), abs(b1))
+        # the affine prefix: values that only Affine and Add nodes compute from the input,
+        # as rows [x0 (biases on), u, v] and their magnitudes [|x0|, |u|, |v|] (|ops|,
+        # |biases| on the first)
+        rows = torch.stack([x0.reshape(program.input_shape), u, v]).to(program.dtype)
+        values = {0: (rows, rows.abs())}
+        for k, node in enumerate(program.nodes):
+            if isinstance(node, Affine) and node.inputs[0] in values:
+                y, s = values[node.inputs[0]]
+                y, s = node.op.apply(y), node.op.abs().apply(s)
+                if node.bias is not None:
+                    y[0] += node.bias
+                    s[0] += node.bias.abs()
+                values[k + 1] = (y, s)
+            elif isinstance(node, Add) and all(i in values for i in node.inputs):
+                (ya, sa), (yb, sb) = (values[i] for i in node.inputs)
+                values[k + 1] = (ya + yb, sa + sb)
+        self.q: dict[int, Tensor] = {}
+        lines = {}  # ReLU node -> (its units' constant scale s (n,), nan where it can change)
+        for k in program.gates:
+            node = program.nodes[k]
+            if isinstance(node, ReLU) and node.inputs[0] in values:
+                f = _PlaneAffine(*values[node.inputs[0]], a0, a1, b0, b1, big_a, big_b)
+                on, off = f.lo > tol.tie, f.hi < -tol.tie
+                slack = torch.where(on, f.lo, -f.hi)
+                q = slack / (SQRT2 * f.g * (1.0 + m))  # g = 0: no line (inf)
+                self.q[k] = torch.where(on | off, q, -torch.inf)
+                scale = torch.full_like(f.lo, torch.nan)
+                scale[on], scale[off] = 1.0, float(node.negative_slope)
+                lines[k + 1] = (f, scale)
+            elif isinstance(node, MaxPool):
+                if node.inputs[0] in values:
+                    f = _PlaneAffine(*values[node.inputs[0]], a0, a1, b0, b1, big_a, big_b)
+                    scale = torch.ones_like(f.lo)
+                elif node.inputs[0] in lines:
+                    f, scale = lines[node.inputs[0]]
+                else:
+                    continue
+                self.q[k] = _window_screen(node, f, scale, tol, m)
+
+    def only(self, near_max: float, pts: np.ndarray) -> dict[int, Tensor]:
+        """{gate node k: (c,) int64 ascending}: the units (ReLU) or windows (max-pool)
+        whose rows may pass the near test of the points pts (N, 2) at ``near <=
+        near_max``; {} (nothing screened) if a point lies outside the box."""
+        if not (np.all(pts >= self.lo) and np.all(pts <= self.hi)):
+            return {}
+        return {k: flat_nonzero(q <= near_max) for k, q in self.q.items()}
+
+
+class _PlaneAffine:
+    """A value affine on the plane box, elementwise: its range [lo, hi] over the box
+    widened by its rounding bound, and g >= |rate| along any unit (a, b) direction."""
+
+    def __init__(self, y: Tensor, s: Tensor, a0, a1, b0, b1, big_a, big_b):
+        m = PLANE_SCREEN_MARGIN
+        z0, zu, zv = (t.reshape(-1) for t in y)
+        s0, su, sv = (t.reshape(-1) for t in s)
+        self.z0, self.zu, self.zv, self.su, self.sv = z0, zu, zv, su, sv
+        self.err = m * (s0 + big_a * su + big_b * sv)
+        self.lo = z0 + torch.minimum(a0 * zu, a1 * zu) + torch.minimum(b0 * zv, b1 * zv) \
+            - self.err
+        self.hi = z0 + torch.maximum(a0 * zu, a1 * zu) + torch.maximum(b0 * zv, b1 * zv) \
+            + self.err
+        self.g = torch.hypot(zu, zv) + m * (su + sv)
+        self.a = (a0, a1, b0, b1)
+
+
+def _window_screen(node: MaxPool, f: _PlaneAffine, scale: Tensor, tol: Tolerances,
+                   m: float) -> Tensor:
+    """(n_out,) per window of a max-pool whose entries are ``scale * f`` (scale nan where
+    an entry's sign can change): the largest near at which no row of the window can
+    pass the near test anywhere on the box (-inf: a candidate at any distance)."""
+    a0, a1, b0, b1 = f.a
+    w = node.window.to(f.lo.device)
+    n_out, kk = w.shape
+    q = torch.full((n_out,), torch.inf, dtype=f.lo.dtype, device=f.lo.device)
+    pad = (w < 0).any(dim=1)
+    wi = w.clamp_min(0)
+    s = scale[wi]  # (n_out, K)
+    q[pad | s.isnan().any(dim=1)] = -torch.inf
+    sa = s.abs()
+    z0, zu, zv = (t[wi] * s for t in (f.z0, f.zu, f.zv))
+    err = f.err[wi] * sa
+    rate_err = m * (f.su[wi] + f.sv[wi]) * sa
+    top = torch.maximum(f.lo[wi].abs(), f.hi[wi].abs()) * sa  # >= |entry| on the box
+    flat = (sa == 0) | ((f.su[wi] == 0) & (f.sv[wi] == 0))
+    for i in range(kk):
+        for j in range(i + 1, kk):
+            d0, du, dv = z0[:, j] - z0[:, i], zu[:, j] - zu[:, i], zv[:, j] - zv[:, i]
+            e = err[:, i] + err[:, j] + m * (d0.abs() + max(abs(a0), abs(a1)) * du.abs()
+                                             + max(abs(b0), abs(b1)) * dv.abs())
+            lo = d0 + torch.minimum(a0 * du, a1 * du) + torch.minimum(b0 * dv, b1 * dv) - e
+            hi = d0 + torch.maximum(a0 * du, a1 * du) + torch.maximum(b0 * dv, b1 * dv) + e
+            apart = torch.maximum(lo, -hi)  # > 0: the pair keeps its order over the box
+            g = torch.hypot(du, dv) + rate_err[:, i] + rate_err[:, j]
+            # two entries that do not move on the plane (dead ReLUs, or no term of u or v
+            # reaches them: their rates are exactly 0 at every point) have reach 0: no row
+            both_flat = flat[:, i] & flat[:, j]
+            tie = tol.tie * (1.0 + torch.maximum(top[:, i], top[:, j])) * (1.0 + m)
+            pq = torch.where(apart > tie, apart / (SQRT2 * g * (1.0 + m)), -torch.inf)
+            q = torch.minimum(q, torch.where(both_flat, torch.inf, pq))
+    return q
 
 
 def step_along(

@@ -619,3 +619,101 @@ def test_rows_in_plane_near_on_grid_pools_is_the_gathered_path(monkeypatch, shar
             np.testing.assert_array_equal(x.numpy(), y.numpy())
         kept += len(a[2])
     assert kept > 0
+
+
+class _TwoBranches(torch.nn.Module):
+    """conv_a(x) + conv_b(x) -> ReLU -> max-pool -> linear: an Add before the first gate."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = torch.nn.Conv2d(1, 3, 3, padding=1)
+        self.b = torch.nn.Conv2d(1, 3, 3, padding=1)
+        self.pool = torch.nn.MaxPool2d(2)
+        self.fc = torch.nn.Linear(3 * 5 * 5, 4)
+
+    def forward(self, x):
+        return self.fc(self.pool(torch.relu(self.a(x) + self.b(x))).flatten(1))
+
+
+def _screen_models():
+    from collections import OrderedDict
+
+    torch.manual_seed(11)
+    padded = torch.nn.Sequential(OrderedDict(
+        pool0=torch.nn.MaxPool2d(2), conv=torch.nn.Conv2d(1, 3, 3, padding=1),
+        relu=torch.nn.LeakyReLU(0.1), pool=torch.nn.MaxPool2d(3, stride=2, padding=1),
+        flatten=torch.nn.Flatten(), fc=torch.nn.Linear(3 * 3 * 3, 4))).eval()
+    return [random_cnn(2, channels=(3, 4), input_shape=(1, 10, 10)), padded,
+            _TwoBranches().eval()]
+
+
+@pytest.mark.parametrize("coarse", [False, True])
+@pytest.mark.parametrize("which", [0, 1, 2])
+def test_plane_screen_leaves_the_rows_as_they_are(which, coarse):
+    """rows_in_plane(near=, only=PlaneScreen.only(...)) equals rows_in_plane(near=) bit
+    for bit at points of the screen's box (any unit directions, near up to the bound),
+    on a conv-BN-ReLU-max-pool CNN, a pool on the input then a LeakyReLU and a padded,
+    overlapping pool (not screened: padding), and an Add before the first ReLU; with a
+    zero background (flat, tied windows) and, coarse, a tie tolerance under which many
+    entries tie. The screen leaves units out (it is not a no-op), and leaving out every
+    unit changes the rows (the comparison can fail)."""
+    from openbox.configuration import configure
+    from openbox.constraints import PlaneScreen, rows_in_plane
+
+    model = _screen_models()[which].double()
+    ob = openbox.OpenBox(model, (1, 10, 10))
+    tol = dataclasses.replace(ob.tol, tie=0.02, same_function=0.02) if coarse else ob.tol
+    g = torch.Generator().manual_seed(20 + which)
+    x0 = torch.rand((1, 10, 10), generator=g, dtype=F64)
+    u, v = torch.randn((2, 1, 10, 10), generator=g, dtype=F64)
+    x0[:, :4], u[:, :4], v[:, :4] = 0.0, 0.0, 0.0  # a background the plane does not move
+    e = 0.05
+    lo, hi = np.array([-e, -0.5 * e]), np.array([0.5 * e, e])
+    screen = PlaneScreen(ob.program, tol, x0, u, v, lo, hi)
+    n = 48
+    rng = np.random.default_rng(which)
+    pts = lo + rng.random((n, 2)) * (hi - lo)
+    pts[:4] = [lo, hi, [lo[0], hi[1]], [hi[0], lo[1]]]  # the box's corners
+    th = rng.random(n) * 2 * np.pi
+    ns, es = np.c_[np.cos(th), np.sin(th)], np.c_[-np.sin(th), np.cos(th)]
+    near_max = 0.2 * e
+    near = torch.as_tensor(np.r_[near_max, near_max * np.logspace(-3, 0, n - 1)])
+
+    def comb(ab):
+        ab = torch.as_tensor(ab)
+        return ab[:, 0].reshape(-1, 1, 1, 1) * u + ab[:, 1].reshape(-1, 1, 1, 1) * v
+
+    dirs = torch.stack([comb(ns), comb(es), ob.direction.expand(n, 1, 10, 10)])
+    _, config, gates, _ = configure(ob.program, x0 + comb(pts), dirs, tol, record=True)
+
+    def same(a, b):
+        return len(a) == len(b) and all(
+            x[:2] == y[:2] and all(torch.equal(p, q) for p, q in zip(x[2:], y[2:]))
+            for x, y in zip(a, b))
+
+    dense = rows_in_plane(ob.program, config, gates, tol, near=near)
+    only = screen.only(near_max, pts)
+    assert set(only) == set(screen.q) and only
+    assert same(dense, rows_in_plane(ob.program, config, gates, tol, near=near, only=only))
+    sizes = {k: len(q) for k, q in screen.q.items()}
+    assert sum(len(c) for c in only.values()) < sum(sizes.values())
+    # the screened gates have near rows here, so a screen that leaves every unit out
+    # changes the result (the comparison can fail)
+    assert sum(len(rows[2]) for rows in dense if rows[0] in only) > 0
+    empty = {k: c[:0] for k, c in only.items()}
+    assert not same(dense, rows_in_plane(ob.program, config, gates, tol, near=near, only=empty))
+
+
+def test_plane_screen_refuses_points_outside_its_box():
+    """PlaneScreen.only screens nothing ({}) for points outside the box it bounds."""
+    from openbox.constraints import PlaneScreen
+
+    ob = openbox.OpenBox(_screen_models()[0].double(), (1, 10, 10))
+    g = torch.Generator().manual_seed(3)
+    x0, u, v = torch.randn((3, 1, 10, 10), generator=g, dtype=F64)
+    screen = PlaneScreen(ob.program, ob.tol, x0, u, v, np.array([-0.1, -0.1]),
+                         np.array([0.1, 0.1]))
+    assert screen.only(0.01, np.array([[0.0, 0.0]]))
+    assert screen.only(0.01, np.array([[0.0, 0.1 + 1e-12]])) == {}
+    with pytest.raises(ValueError, match="lo <= hi"):
+        PlaneScreen(ob.program, ob.tol, x0, u, v, np.array([0.1, 0.0]), np.array([0.0, 0.1]))

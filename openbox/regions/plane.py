@@ -41,7 +41,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from openbox.configuration import RegionKey, configure
-from openbox.constraints import rows_in_plane
+from openbox.constraints import PlaneScreen, rows_in_plane
 
 DEFAULT_BATCH = 64
 """Frontier points configured per pass."""
@@ -397,7 +397,8 @@ def _extent_polygon(ob, x0: Tensor, u: Tensor, v: Tensor, extent) -> np.ndarray:
 
 
 def _half_planes(ob, config, gates, pts: np.ndarray, ns: np.ndarray, es: np.ndarray,
-                 start: np.ndarray, radius: np.ndarray | None = None):
+                 start: np.ndarray, radius: np.ndarray | None = None,
+                 screen: PlaneScreen | None = None):
     """For each input f of the batch: (G (m, 2), h (m,), rows (m,), dist (m,)) with
     ``G q <= h`` the rows of its region restricted to the plane around pts[f] along
     (ns[f], es[f]) (orthonormal in (a, b)) whose lines come within the L1 size of the
@@ -405,7 +406,9 @@ def _half_planes(ob, config, gates, pts: np.ndarray, ns: np.ndarray, es: np.ndar
     distance radius[f] of pts[f] when given (the lines that meet the box pts[f] +-
     radius[f]): ``rows`` their indices in :func:`rows_in_plane`'s layout (the edge
     labels), ``dist`` their lines' L-infinity distance from pts[f]. One rows_in_plane call
-    for the whole batch. Also the layout: [(gate node k, rows of gate k)] in row order."""
+    for the whole batch, the first gates' rows screened by ``screen`` (the plane's
+    :class:`~openbox.constraints.PlaneScreen`: the same rows, fewer tested). Also the
+    layout: [(gate node k, rows of gate k)] in row order."""
     f = config.batch_size
     size0 = np.abs(start[None] - pts[:, None]).sum(axis=2).max(axis=1)  # (F,)
     if radius is not None:
@@ -420,8 +423,11 @@ def _half_planes(ob, config, gates, pts: np.ndarray, ns: np.ndarray, es: np.ndar
     # gathered: with (n, e) orthonormal, |w|_1 <= sqrt(2) |w|_2 <= sqrt(2) (|rate1| +
     # |rate2|), so each of its rows has slack < 2 reach (|rate1| + |rate2|) (2 over
     # sqrt(2): far above rounding); rows_in_plane forms only those
+    near = 2.0 * reach
+    only = None if screen is None else screen.only(float(near.max()), pts)
     parts = rows_in_plane(ob.program, config, gates, ob.tol,
-                          near=torch.as_tensor(2.0 * reach, dtype=ob.dtype, device=ob.device))
+                          near=torch.as_tensor(near, dtype=ob.dtype, device=ob.device),
+                          only=only)
     layout = [(k, m) for k, m, *_ in parts]
     none = (np.zeros((0, 2)), np.zeros(0), np.zeros(0, dtype=np.int64), np.zeros(0))
     if not parts:  # no gates: one region, the whole plane
@@ -959,6 +965,8 @@ class _Walk:
         self.uncovered = _inside_all(start, self.samples)
         self.sample_order = np.random.default_rng(0x9A7E).permutation(len(self.samples))
         self.last_size = 0.0  # the regions found last: median side (square root of area)
+        # the first gates' rows that can come near a point of the extent's box
+        self.screen = PlaneScreen(ob.program, ob.tol, x0, u, v, start.min(0), start.max(0))
 
     # -- the frontier
 
@@ -1105,7 +1113,7 @@ class _Walk:
         r = np.where(radius < size, radius, np.inf)
         wide = np.where(r * RADIUS_GROWTH < size, r * RADIUS_GROWTH, np.inf)
         rows_of, layout = _half_planes(self.ob, config, gates, pts, ns, es, self.start,
-                                       np.minimum(wide, size))
+                                       np.minimum(wide, size), self.screen)
         out = [None] * len(pts)
         todo = np.asarray(which, dtype=np.int64)
         for box in (r, wide):
@@ -1125,7 +1133,7 @@ class _Walk:
         if todo.size:  # beyond the wide box: every row that meets the extent
             sub = torch.as_tensor(todo)
             rows_of, _ = _half_planes(self.ob, config[sub], gates[sub], pts[todo], ns[todo],
-                                      es[todo], self.start)
+                                      es[todo], self.start, screen=self.screen)
             clipped = _polygons(self.ob, [(*rows_of[f], pts[i]) for f, i in
                                           enumerate(todo.tolist())], self.start)
             for f, i in enumerate(todo.tolist()):
