@@ -527,13 +527,28 @@ class Interpreter:
     ``torch.fx.Interpreter``.
     """
 
-    def run(self, program: Program, x: Tensor, until: int | None = None) -> Tensor:
+    def run(self, program: Program, x: Tensor, until: int | None = None,
+            given: dict[int, Tensor] | None = None) -> Tensor:
         """Evaluate nodes ``0 .. until`` (default: all) on x; return the output value
-        (or, with ``until``, the value node ``until`` computes)."""
+        (or, with ``until``, the value node ``until`` computes). ``given``: {value index:
+        tensor} values the caller supplies instead of their nodes' results; a node runs
+        only if a node that runs (or the result) reads its value and it is not given."""
         stop = len(program.nodes) if until is None else until + 1
         values: list[Tensor | None] = [x] + [None] * len(program.nodes)
         last = program.last_use
+        needed = None
+        if given:
+            for i, t in given.items():
+                values[i] = t
+            needed = [False] * (len(program.nodes) + 1)
+            needed[program.output if until is None else stop] = True
+            for k in range(stop - 1, -1, -1):
+                if needed[k + 1] and k + 1 not in given:
+                    for i in program.nodes[k].inputs:
+                        needed[i] = True
         for k, node in enumerate(program.nodes[:stop]):
+            if needed is not None and (not needed[k + 1] or k + 1 in given):
+                continue
             args = [values[i] for i in node.inputs]
             values[k + 1] = self.dispatch(k, node, args)
             for i in set(node.inputs):

@@ -44,7 +44,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from linearize import Affine, Interpreter, MaxPool, Program, ReLU
+from linearize import Add, Affine, Interpreter, MaxPool, Program, ReLU
 from openbox.tolerances import Tolerances
 
 TIE_BREAK_SEED = 20180819
@@ -353,6 +353,7 @@ def configure(
     record: bool = False,
     context: bytes = b"",
     all_rates: bool = False,
+    given: dict[int, Tensor] | None = None,
 ) -> PassResult:
     """The configuration of x (B, *input_shape) under the tie-break along ``direction``,
     with the logits, and the gate values if ``record``; with ``all_rates`` the result's
@@ -364,6 +365,10 @@ def configure(
     *input_shape) for directions of each input's own. One forward pass of (D + 1) B rows;
     ``gate_values.derivatives`` are those along the first direction, ``derivatives2``
     along the second (when D >= 2).
+
+    ``given``: {value index: ((D + 1) B, *shape) stacked values} that the pass takes
+    instead of computing them (:meth:`PlanePrefix.given`: the affine prefix of the
+    points of a plane, combined from its rows); the nodes that only they need do not run.
     """
     shape = tuple(x.shape[1:])
     if tuple(direction.shape) == shape:
@@ -382,7 +387,7 @@ def configure(
     else:
         stacked = torch.cat([x, *(d.expand_as(x) for d in dirs)])
     with torch.no_grad():
-        out = run.full(run.run(program, stacked))
+        out = run.full(run.run(program, stacked, given=given))
     config = Configuration(
         run.on, run.select, run.index, run.n_relu, run.n_pool,
         {k: int(program.nodes[k].window.shape[1]) for k in run.select}, context,
@@ -391,6 +396,73 @@ def configure(
         if record else None
     rates = out[b:].reshape(n_dir, b, *out.shape[1:]) if all_rates else out[b : 2 * b]
     return PassResult(out[:b], config, gates, rates)
+
+
+def affine_prefix(program: Program, rows: Tensor, magnitudes: Tensor | None = None,
+                  ) -> dict[int, tuple[Tensor, Tensor | None]]:
+    """The values that only Affine and Add nodes compute from the input (the input, value
+    0, included), on stacked rows (R, *input_shape) of which the first carries the biases
+    and the others are directions (linear parts only): {value index: ((R, *shape), the
+    same prefix of |op| and |bias| on ``magnitudes`` (R, *input_shape), or None)}."""
+    values = {0: (rows, magnitudes)}
+    for k, node in enumerate(program.nodes):
+        if isinstance(node, Affine) and node.inputs[0] in values:
+            y, s = values[node.inputs[0]]
+            y = node.op.apply(y)
+            s = None if s is None else node.op.abs().apply(s)
+            if node.bias is not None:
+                y[0] += node.bias
+                if s is not None:
+                    s[0] += node.bias.abs()
+            values[k + 1] = (y, s)
+        elif isinstance(node, Add) and all(i in values for i in node.inputs):
+            (ya, sa), (yb, sb) = (values[i] for i in node.inputs)
+            values[k + 1] = (ya + yb, None if sa is None else sa + sb)
+    return values
+
+
+class PlanePrefix:
+    """The affine prefix of :func:`configure` on the points of a plane ``x0 + a u + b v``.
+
+    A value that only Affine and Add nodes compute from the input is affine on the whole
+    plane: ``y = y0 + a yu + b yv`` (y0 with the biases; yu, yv, and the OpenBox's tie-break
+    direction's yd, linear parts only). Computed once for the plane, the values the rest
+    of the program reads (the first gates' inputs) are combined per point in a few
+    elementwise products, not a convolution per point and direction: the values of the
+    network at the point up to rounding (~1e-16 of their terms; the pass's keys and rows
+    agree with a pass on the points themselves wherever no gate input is within rounding
+    of its kink or tie: tested on random points). The input itself is never combined.
+
+    Args:
+        program: the OpenBox's program; x0 (1, *input_shape); u, v, direction
+            (*input_shape).
+    """
+
+    def __init__(self, program: Program, x0: Tensor, u: Tensor, v: Tensor, direction: Tensor):
+        rows = torch.stack([x0.reshape(program.input_shape), u, v, direction.reshape(u.shape)])
+        values = affine_prefix(program, rows.to(program.dtype))
+        inside = set(values)
+        read = {i for k, node in enumerate(program.nodes) if k + 1 not in inside
+                for i in node.inputs} | {program.output}
+        self.rows = {i: values[i][0] for i in sorted(read & inside) if i != 0}
+
+    def given(self, pts: Tensor, ns: Tensor, es: Tensor) -> dict[int, Tensor]:
+        """{value index: (4N, *shape)} the stacked values ``[y(p); dy along n; dy along e;
+        dy along the direction]`` of :func:`configure` for the points p = pts (N, 2) with
+        directions ns, es (N, 2), all in (a, b)."""
+        out = {}
+        n = pts.shape[0]
+        for i, y in self.rows.items():
+            shape = (n, *[1] * (y.dim() - 1))
+            col = lambda t, j: t[:, j].reshape(shape)  # noqa: E731
+            z = y.new_empty((4 * n, *y.shape[1:]))
+            torch.mul(col(pts, 0), y[1], out=z[:n]).add_(y[0])
+            z[:n].add_(col(pts, 1) * y[2])
+            torch.mul(col(ns, 0), y[1], out=z[n:2 * n]).add_(col(ns, 1) * y[2])
+            torch.mul(col(es, 0), y[1], out=z[2 * n:3 * n]).add_(col(es, 1) * y[2])
+            z[3 * n:] = y[3]
+            out[i] = z
+        return out
 
 
 class _ConfigurationRun(Interpreter):

@@ -41,9 +41,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from linearize import Add, Affine, MaxPool, Program, ReLU
-from openbox.configuration import (Configuration, GateValues, any_true, flat_nonzero,
-                                   pool_grid)
+from linearize import MaxPool, Program, ReLU
+from openbox.configuration import (Configuration, GateValues, affine_prefix, any_true,
+                                   flat_nonzero, pool_grid)
 from openbox.linear_maps import FixedForward, gate_support
 from openbox.tolerances import Tolerances
 
@@ -732,22 +732,10 @@ class PlaneScreen:
             raise ValueError(f"PlaneScreen: the box must have lo <= hi, got {lo}, {hi}")
         self.lo, self.hi = np.array([a0, b0]), np.array([a1, b1])
         big_a, big_b = max(abs(a0), abs(a1)), max(abs(b0), abs(b1))
-        # the affine prefix: values that only Affine and Add nodes compute from the input,
-        # as rows [x0 (biases on), u, v] and their magnitudes [|x0|, |u|, |v|] (|ops|,
-        # |biases| on the first)
+        # the affine prefix on rows [x0 (biases on), u, v] and its magnitudes [|x0|, |u|,
+        # |v|] (|ops|, |biases| on the first)
         rows = torch.stack([x0.reshape(program.input_shape), u, v]).to(program.dtype)
-        values = {0: (rows, rows.abs())}
-        for k, node in enumerate(program.nodes):
-            if isinstance(node, Affine) and node.inputs[0] in values:
-                y, s = values[node.inputs[0]]
-                y, s = node.op.apply(y), node.op.abs().apply(s)
-                if node.bias is not None:
-                    y[0] += node.bias
-                    s[0] += node.bias.abs()
-                values[k + 1] = (y, s)
-            elif isinstance(node, Add) and all(i in values for i in node.inputs):
-                (ya, sa), (yb, sb) = (values[i] for i in node.inputs)
-                values[k + 1] = (ya + yb, sa + sb)
+        values = affine_prefix(program, rows, rows.abs())
         self.q: dict[int, Tensor] = {}
         lines = {}  # ReLU node -> (its units' constant scale s (n,), nan where it can change)
         for k in program.gates:

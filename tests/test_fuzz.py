@@ -303,6 +303,18 @@ def _walk_checks(case) -> list[str]:
                                    (-0.05, 0.05, -0.05, 0.05), max_regions=400, progress=False)
         if pm.complete and abs(pm.coverage - 1) > 1e-9:
             problems.append(f"plane: coverage {pm.coverage!r}")
+        if pm.complete:  # off every facet, a point has its polygon's key
+            ab = np.random.default_rng(case.index).uniform(-0.05, 0.05, (16, 2))
+            ab = ab[pm.locate(ab) >= 0]
+            at = torch.as_tensor(ab)
+            pts = x0 + at[:, :1].reshape(-1, *[1] * len(shape)) * u \
+                + at[:, 1:].reshape(-1, *[1] * len(shape)) * (v * (u.norm() / v.norm()))
+            conf = ob.configuration(pts)
+            for i, k, tight in zip(pm.locate(ab).tolist(), conf.region_keys(),
+                                   conf.n_tight.tolist()):
+                if tight == 0 and k != pm.polygons[i].region_key:
+                    problems.append("plane: a point's key differs from its polygon's")
+                    break
     return problems
 
 

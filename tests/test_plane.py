@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import importlib
+import math
 
 import networkx as nx
 import numpy as np
@@ -717,3 +718,82 @@ def test_plane_screen_refuses_points_outside_its_box():
     assert screen.only(0.01, np.array([[0.0, 0.1 + 1e-12]])) == {}
     with pytest.raises(ValueError, match="lo <= hi"):
         PlaneScreen(ob.program, ob.tol, x0, u, v, np.array([0.1, 0.0]), np.array([0.0, 0.1]))
+
+
+@pytest.mark.parametrize("which", ["cnn", "two_branches", "mlp", "resnet", "pool_first"])
+def test_plane_prefix_is_the_pass_on_the_points(which):
+    """configure(given=PlanePrefix.given(...)) (the affine prefix combined from the
+    plane's rows) agrees with the pass on the points themselves: the same region keys at
+    random points, logits, rates and gate values to 1e-12 of their scale; on a CNN, an
+    Add before the first ReLU, an MLP, a ResNet, and a pool on the input (nothing to
+    combine: no prefix). Wrong combined values change the pass (they are used)."""
+    from openbox.configuration import PlanePrefix, configure
+
+    from _models import resnet_like
+
+    models = {"cnn": (lambda: random_cnn(4, channels=(3, 4), input_shape=(1, 10, 10)),
+                      (1, 10, 10)),
+              "two_branches": (lambda: _TwoBranches(), (1, 10, 10)),
+              "mlp": (lambda: random_mlp(5, (12, 16, 8, 5)), (12,)),
+              "resnet": (lambda: resnet_like(6), (2, 10, 10)),
+              "pool_first": (lambda: _screen_models()[1], (1, 10, 10))}
+    build, shape = models[which]
+    torch.manual_seed(7)
+    ob = openbox.OpenBox(build().double().eval(), shape)
+    g = torch.Generator().manual_seed(9)
+    x0 = torch.rand((1, *shape), generator=g, dtype=F64)
+    u, v = 0.1 * torch.randn((2, *shape), generator=g, dtype=F64)
+    prefix = PlanePrefix(ob.program, x0, u, v, ob.direction)
+    assert (not prefix.rows) == (which == "pool_first")
+    n = 32
+    pts = torch.rand((n, 2), generator=g, dtype=F64) * 2 - 1
+    th = torch.rand(n, generator=g, dtype=F64) * 2 * math.pi
+    ns, es = torch.stack([th.cos(), th.sin()], 1), torch.stack([-th.sin(), th.cos()], 1)
+    comb = lambda ab: ab[:, 0].reshape(-1, *[1] * len(shape)) * u + \
+        ab[:, 1].reshape(-1, *[1] * len(shape)) * v  # noqa: E731
+    xs, dirs = x0 + comb(pts), torch.stack([comb(ns), comb(es), ob.direction.expand(n, *shape)])
+    want = configure(ob.program, xs, dirs, ob.tol, record=True, all_rates=True)
+    got = configure(ob.program, xs, dirs, ob.tol, record=True, all_rates=True,
+                    given=prefix.given(pts, ns, es))
+    assert got.configuration.region_keys() == want.configuration.region_keys()
+
+    def close(a, b):
+        scale = 1 + float(b.abs().max())
+        assert float((a - b).abs().max()) <= 1e-12 * scale
+
+    close(got.logits, want.logits)
+    close(got.rates, want.rates)
+    for k in ob.program.gates:
+        for d in ("values", "derivatives", "derivatives2"):
+            close(getattr(got.gate_values, d)[k], getattr(want.gate_values, d)[k])
+    if prefix.rows:  # the combined values are used: wrong ones change the pass
+        bad = {i: t + 1.0 for i, t in prefix.given(pts, ns, es).items()}
+        assert not torch.equal(configure(ob.program, xs, dirs, ob.tol, given=bad).logits,
+                               want.logits)
+
+
+def test_interpreter_runs_only_what_the_given_values_leave_needed():
+    """Interpreter.run(given=): the nodes whose values are given, and those only they
+    need, do not run; the result is the run's own when the given value is its own."""
+    from linearize.ir import Evaluator
+
+    ob = openbox.OpenBox(random_cnn(1, channels=(3, 4), input_shape=(1, 10, 10)).double(),
+                         (1, 10, 10))
+    prog = ob.program
+    x = torch.rand((3, 1, 10, 10), dtype=F64, generator=torch.Generator().manual_seed(2))
+    ran = []
+
+    class Counting(Evaluator):
+        def dispatch(self, k, node, args):
+            ran.append(k)
+            return super().dispatch(k, node, args)
+
+    want = Counting().run(prog, x)
+    assert ran == list(range(len(prog.nodes)))
+    first = prog.gates[0]
+    value = Counting().run(prog, x, until=first - 1)  # the first gate's input
+    ran.clear()
+    got = Counting().run(prog, x, given={first: value})
+    assert torch.equal(got, want) and ran == list(range(first, len(prog.nodes)))
+    ran.clear()
+    assert not torch.equal(Counting().run(prog, x, given={first: value + 1}), want)

@@ -40,7 +40,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from openbox.configuration import RegionKey, configure
+from openbox.configuration import PlanePrefix, RegionKey, configure
 from openbox.constraints import PlaneScreen, rows_in_plane
 
 DEFAULT_BATCH = 64
@@ -965,6 +965,8 @@ class _Walk:
         self.uncovered = _inside_all(start, self.samples)
         self.sample_order = np.random.default_rng(0x9A7E).permutation(len(self.samples))
         self.last_size = 0.0  # the regions found last: median side (square root of area)
+        # the affine prefix of every pass, combined from the plane's rows
+        self.prefix = PlanePrefix(ob.program, x0, u, v, ob.direction)
         # the first gates' rows that can come near a point of the extent's box
         self.screen = PlaneScreen(ob.program, ob.tol, x0, u, v, start.min(0), start.max(0))
 
@@ -1072,11 +1074,13 @@ class _Walk:
         extent)."""
         ob, u, v = self.ob, self.u, self.v
         as_t = lambda a: torch.as_tensor(a, dtype=ob.dtype, device=ob.device)  # noqa: E731
-        xs = self.x0 + _combine(as_t(pts), u, v)
-        dn, de = _combine(as_t(ns), u, v), _combine(as_t(es), u, v)
+        p, n, e = as_t(pts), as_t(ns), as_t(es)
+        xs = self.x0 + _combine(p, u, v)
+        dn, de = _combine(n, u, v), _combine(e, u, v)
         dirs = torch.stack([dn, de, ob.direction.expand_as(dn)])
         logits, config, gates, rates = configure(ob.program, xs, dirs, ob.tol, record=True,
-                                                 context=ob.key_context, all_rates=True)
+                                                 context=ob.key_context, all_rates=True,
+                                                 given=self.prefix.given(p, n, e))
         keys = config.region_keys()
         fresh, seen = [], set()
         for j, key in enumerate(keys):
