@@ -354,6 +354,7 @@ def configure(
     context: bytes = b"",
     all_rates: bool = False,
     given: dict[int, Tensor] | None = None,
+    varying: dict[int, Tensor] | None = None,
 ) -> PassResult:
     """The configuration of x (B, *input_shape) under the tie-break along ``direction``,
     with the logits, and the gate values if ``record``; with ``all_rates`` the result's
@@ -369,6 +370,11 @@ def configure(
     ``given``: {value index: ((D + 1) B, *shape) stacked values} that the pass takes
     instead of computing them (:meth:`PlanePrefix.given`: the affine prefix of the
     points of a plane, combined from its rows); the nodes that only they need do not run.
+    ``varying``: {max-pool node k: (C,) int64 ascending windows}: the caller vouches that
+    every other window of gate k has the same values, derivatives and hence choice at
+    every input of the batch up to ties the rule decides alike (:class:`PlaneScreen`'s
+    steady windows of a plane box); the rule then runs on the first input for those and
+    on the windows C of every input (on a window grid; the same choices and counts).
     """
     shape = tuple(x.shape[1:])
     if tuple(direction.shape) == shape:
@@ -381,7 +387,7 @@ def configure(
         raise ValueError(f"direction must be {shape}, (D, *{shape}) or (D, B, *{shape}); got "
                          f"{tuple(direction.shape)}")
     b, n_dir = x.shape[0], dirs.shape[0]
-    run = _ConfigurationRun(program, tol, record, b, n_dir, x.device)
+    run = _ConfigurationRun(program, tol, record, b, n_dir, x.device, varying)
     if dirs.dim() == len(shape) + 1:  # shared directions: one row each up to the first gate
         stacked = torch.cat([x, dirs.to(x.dtype)])
     else:
@@ -474,7 +480,7 @@ class _ConfigurationRun(Interpreter):
     them the inputs' own (:meth:`dirs`). Lives for one call only."""
 
     def __init__(self, program: Program, tol: Tolerances, record: bool, b: int, n_dir: int,
-                 device):
+                 device, varying: dict[int, Tensor] | None = None):
         self.program = program
         self.tol = tol
         self.record = record
@@ -488,6 +494,7 @@ class _ConfigurationRun(Interpreter):
         self.index: dict[int, Tensor] = {}
         self.n_relu = torch.zeros(b, dtype=torch.int64, device=device)
         self.n_pool = torch.zeros(b, dtype=torch.int64, device=device)
+        self.varying = varying or {}
 
     def affine(self, k, node, x):
         y = node.op.apply(x)
@@ -620,7 +627,11 @@ class _ConfigurationRun(Interpreter):
         for e in v[2:]:
             torch.maximum(value, e, out=value)
         dviews = [[view(b + r * i, r, o) for o in offsets] for i in range(n_dir)]
-        sel, _, _ = self._pool_choose(v, value, dviews)
+        if k in self.varying and b > 1:
+            sel = self._pool_choose_varying(node, x, r, v, value, dviews,
+                                            self.varying[k].to(x.device))
+        else:
+            sel, _, _ = self._pool_choose(v, value, dviews)
         index = _grid_index(node, grid, sel)
         dflat = x[b:].reshape(n_dir, r, -1).expand(n_dir, b, -1)
         torch.gather(dflat, 2, index.unsqueeze(0).expand(n_dir, -1, -1),
@@ -628,6 +639,38 @@ class _ConfigurationRun(Interpreter):
         self.select[k] = sel
         self.index[k] = index
         return out
+
+    def _pool_choose_varying(self, node: MaxPool, x: Tensor, r: int, v, value, dviews,
+                             c: Tensor) -> Tensor:
+        """:meth:`_pool_choose`'s sel (B, n_out) when only the windows c ((C,) ascending)
+        can differ between the inputs (``varying``): the rule on the first input's views
+        for the others (their choice and count copied to every input), and on the
+        gathered entries of the windows c of every input (:meth:`_pool_choose_dense`, the
+        same rule). x: the stacked gate input (contiguous), r its rows per direction."""
+        b = value.shape[0]
+        first = self.n_pool.clone()
+        sel0, tied0, same0 = self._pool_choose([e[:1] for e in v], value[:1],
+                                               [[d[:1] for d in dv] for dv in dviews])
+        apart = (tied0[0] ^ same0[0]).to(torch.int64)
+        for t, s in zip(tied0[1:], same0[1:]):
+            apart += (t ^ s).to(torch.int64)
+        apart = apart.reshape(-1)
+        steady = int(apart.sum()) - int(apart[c].sum())
+        self.n_pool = first + steady  # the first input's count, outside c, for every input
+        n_c, kk = c.numel(), node.window.shape[1]
+        cols = node.window.to(x.device)[c].reshape(1, -1)  # (1, C K): the windows' entries
+        rows = x.reshape(x.shape[0], -1)
+
+        def entries(r0, n):  # (n, C, K) of rows r0 ..., a gather on an expanded index
+            return rows[r0:r0 + n].gather(1, cols.expand(n, -1)).view(n, n_c, kk)
+
+        vc = entries(0, b)
+        dvc = [entries(b + r * i, r) for i in range(len(dviews))]  # (B or 1, C, K)
+        top = value.reshape(b, -1).gather(1, c.expand(b, -1)).unsqueeze(2)  # (B, C, 1)
+        sel_c, _, _ = self._pool_choose_dense(vc, top, dvc)
+        sel = sel0.expand(b, -1).clone()
+        sel[:, c] = sel_c
+        return sel
 
     def _pool_choose(self, v, value, dviews) -> tuple[Tensor, list[Tensor], list[Tensor]]:
         """The lexicographic max-pool rule on a regular window grid: v is K views

@@ -737,6 +737,7 @@ class PlaneScreen:
         rows = torch.stack([x0.reshape(program.input_shape), u, v]).to(program.dtype)
         values = affine_prefix(program, rows, rows.abs())
         self.q: dict[int, Tensor] = {}
+        self.pools: set[int] = set()
         lines = {}  # ReLU node -> (its units' constant scale s (n,), nan where it can change)
         for k in program.gates:
             node = program.nodes[k]
@@ -758,6 +759,19 @@ class PlaneScreen:
                 else:
                     continue
                 self.q[k] = _window_screen(node, f, scale, tol, m)
+                self.pools.add(k)
+
+    def varying(self, pts: np.ndarray) -> dict[int, Tensor]:
+        """{max-pool node k: (C,) int64 ascending}: the windows whose choice may differ
+        between points of the box (for :func:`~openbox.configuration.configure`'s
+        ``varying``); every other window keeps its order over the box (each pair of
+        entries apart by more than the tie tolerance, or both flat: no term of u or v
+        reaches them, or dead ReLUs), so the rule decides it alike at every point. {} if a
+        point lies outside the box."""
+        if not (np.all(pts >= self.lo) and np.all(pts <= self.hi)):
+            return {}
+        return {k: flat_nonzero(q == -torch.inf) for k, q in self.q.items()
+                if k in self.pools}
 
     def only(self, near_max: float, pts: np.ndarray) -> dict[int, Tensor]:
         """{gate node k: (c,) int64 ascending}: the units (ReLU) or windows (max-pool)

@@ -797,3 +797,55 @@ def test_interpreter_runs_only_what_the_given_values_leave_needed():
     assert torch.equal(got, want) and ran == list(range(first, len(prog.nodes)))
     ran.clear()
     assert not torch.equal(Counting().run(prog, x, given={first: value + 1}), want)
+
+
+@pytest.mark.parametrize("coarse", [False, True])
+@pytest.mark.parametrize("which", [0, 2])
+def test_pass_with_the_screens_varying_windows_is_the_pass(which, coarse):
+    """configure(varying=PlaneScreen.varying(pts)) (the rule run on the first point for
+    the windows that keep their order over the box, copied to the others) gives the same
+    keys, selections, tie counts, logits and gate values, bit for bit, as the pass that
+    decides every window at every point; with a zero background (flat tied windows) and
+    coarse ties. Copying every window from the first point changes the selections here
+    (the comparison can fail)."""
+    from openbox.configuration import configure
+    from openbox.constraints import PlaneScreen
+
+    model = _screen_models()[which].double()
+    ob = openbox.OpenBox(model, (1, 10, 10))
+    tol = dataclasses.replace(ob.tol, tie=0.02, same_function=0.02) if coarse else ob.tol
+    g = torch.Generator().manual_seed(30 + which)
+    x0 = torch.rand((1, 10, 10), generator=g, dtype=F64)
+    u, v = torch.randn((2, 1, 10, 10), generator=g, dtype=F64)
+    x0[:, :4], u[:, :4], v[:, :4] = 0.0, 0.0, 0.0
+    lo, hi = np.array([-0.05, -0.02]), np.array([0.03, 0.05])
+    screen = PlaneScreen(ob.program, tol, x0, u, v, lo, hi)
+    n = 40
+    rng = np.random.default_rng(which)
+    pts = lo + rng.random((n, 2)) * (hi - lo)
+    th = rng.random(n) * 2 * np.pi
+    ns, es = np.c_[np.cos(th), np.sin(th)], np.c_[-np.sin(th), np.cos(th)]
+
+    def comb(ab):
+        ab = torch.as_tensor(ab)
+        return ab[:, 0].reshape(-1, 1, 1, 1) * u + ab[:, 1].reshape(-1, 1, 1, 1) * v
+
+    xs = x0 + comb(pts)
+    dirs = torch.stack([comb(ns), comb(es), ob.direction.expand(n, 1, 10, 10)])
+    varying = screen.varying(pts)
+    assert varying and all(len(c) < len(screen.q[k]) for k, c in varying.items())
+    want = configure(ob.program, xs, dirs, tol, record=True, all_rates=True)
+    got = configure(ob.program, xs, dirs, tol, record=True, all_rates=True, varying=varying)
+    a, b = want.configuration, got.configuration
+    assert a.region_keys() == b.region_keys()
+    for k in a.select:
+        assert torch.equal(a.select[k], b.select[k]) and torch.equal(a.index[k], b.index[k])
+    assert torch.equal(a.n_tight_pool, b.n_tight_pool)
+    assert torch.equal(got.logits, want.logits) and torch.equal(got.rates, want.rates)
+    for k in ob.program.gates:
+        assert torch.equal(got.gate_values.values[k], want.gate_values.values[k])
+    # the windows left out do not vary here, but the others do: deciding every window at
+    # the first point only gives other selections
+    empty = {k: c[:0] for k, c in varying.items()}
+    wrong = configure(ob.program, xs, dirs, tol, varying=empty).configuration
+    assert any(not torch.equal(wrong.select[k], a.select[k]) for k in varying)

@@ -1080,7 +1080,8 @@ class _Walk:
         dirs = torch.stack([dn, de, ob.direction.expand_as(dn)])
         logits, config, gates, rates = configure(ob.program, xs, dirs, ob.tol, record=True,
                                                  context=ob.key_context, all_rates=True,
-                                                 given=self.prefix.given(p, n, e))
+                                                 given=self.prefix.given(p, n, e),
+                                                 varying=self.screen.varying(pts))
         keys = config.region_keys()
         fresh, seen = [], set()
         for j, key in enumerate(keys):
