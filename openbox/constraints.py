@@ -727,6 +727,9 @@ class PlaneScreen:
     def __init__(self, program: Program, tol: Tolerances, x0: Tensor, u: Tensor, v: Tensor,
                  lo, hi):
         m = PLANE_SCREEN_MARGIN
+        if program.dtype != torch.float64:
+            raise ValueError(f"PlaneScreen bounds the rounding of a float64 pass; the program "
+                             f"works in {program.dtype}")
         (a0, b0), (a1, b1) = (float(t) for t in lo), (float(t) for t in hi)
         if not (a0 <= a1 and b0 <= b1):
             raise ValueError(f"PlaneScreen: the box must have lo <= hi, got {lo}, {hi}")
@@ -760,6 +763,10 @@ class PlaneScreen:
                     continue
                 self.q[k] = _window_screen(node, f, scale, tol, m)
                 self.pools.add(k)
+        for k, q in self.q.items():
+            if bool(q.isnan().any()):
+                raise RuntimeError(f"PlaneScreen: NaN in the bounds of gate node {k} (a "
+                                   "non-finite weight or input?)")
 
     def varying(self, pts: np.ndarray) -> dict[int, Tensor]:
         """{max-pool node k: (C,) int64 ascending}: the windows whose choice may differ

@@ -706,7 +706,8 @@ def test_plane_screen_leaves_the_rows_as_they_are(which, coarse):
 
 
 def test_plane_screen_refuses_points_outside_its_box():
-    """PlaneScreen.only screens nothing ({}) for points outside the box it bounds."""
+    """PlaneScreen.only screens nothing ({}) for points outside the box it bounds; a
+    reversed box and a float32 program are errors; non-finite bounds screen nothing."""
     from openbox.constraints import PlaneScreen
 
     ob = openbox.OpenBox(_screen_models()[0].double(), (1, 10, 10))
@@ -718,6 +719,15 @@ def test_plane_screen_refuses_points_outside_its_box():
     assert screen.only(0.01, np.array([[0.0, 0.1 + 1e-12]])) == {}
     with pytest.raises(ValueError, match="lo <= hi"):
         PlaneScreen(ob.program, ob.tol, x0, u, v, np.array([0.1, 0.0]), np.array([0.0, 0.1]))
+    ob32 = openbox.OpenBox(_screen_models()[0], (1, 10, 10), dtype=torch.float32)
+    with pytest.raises(ValueError, match="float64"):
+        PlaneScreen(ob32.program, ob32.tol, x0.float(), u.float(), v.float(),
+                    np.array([-0.1, -0.1]), np.array([0.1, 0.1]))
+    # non-finite bounds (a direction of infinities: NaN values) leave every unit in
+    wild = PlaneScreen(ob.program, ob.tol, x0, u * np.inf, v, np.array([-0.1, -0.1]),
+                       np.array([0.1, 0.1]))
+    assert all(len(c) == len(wild.q[k])
+               for k, c in wild.only(0.01, np.array([[0.0, 0.0]])).items())
 
 
 @pytest.mark.parametrize("which", ["cnn", "two_branches", "mlp", "resnet", "pool_first"])

@@ -24,6 +24,13 @@ box around it, by the few rows whose lines meet the box, and clipped again by mo
 only if it reaches the box's boundary. None of this changes the map: every point found
 is configured, and every polygon is its region's whole slice.
 
+The network's affine prefix (the nodes before the first gates) is affine on the whole
+plane: a pass takes its values combined from the plane's own rows
+(:class:`~openbox.configuration.PlanePrefix`), and the first gates' units and windows
+whose rows stay away from the extent, or whose order never changes over it, are left out
+of the row test and decided once per pass (:class:`~openbox.constraints.PlaneScreen`:
+bounds with a margin over rounding; the same rows and choices, bit for bit).
+
 Coordinates: (a, b) in the plane's own basis (u, v need not be orthogonal or unit);
 vertices are counter-clockwise in (a, b).
 """
