@@ -323,13 +323,31 @@ class GateValues:
     derivatives: dict[int, Tensor]
     batch_size: int
     derivatives2: dict[int, Tensor] | None = None
+    lazy: object | None = None
 
     def __getitem__(self, index) -> GateValues:
         """Sub-batch, as :meth:`Configuration.__getitem__`."""
         index = batch_index(index, self.batch_size)
         n = len(range(self.batch_size)[index]) if isinstance(index, slice) else len(index)
         pick = lambda d: None if d is None else {k: v[index] for k, v in d.items()}  # noqa: E731
-        return GateValues(pick(self.values), pick(self.derivatives), n, pick(self.derivatives2))
+        return GateValues(pick(self.values), pick(self.derivatives), n, pick(self.derivatives2),
+                          None if self.lazy is None else self.lazy[index])
+
+    def columns(self, k: int, idx: Tensor, derivatives: list[dict[int, Tensor]]):
+        """(z (B, c), [dz (B, c) per dict of ``derivatives``, this object's derivatives or
+        derivatives2]) of gate k's input at the flat positions idx (B or 1, c). A gate
+        a :class:`PlaneBlock` decided has its values formed here, at these positions only
+        (``lazy``); the others are gathered."""
+        b = self.batch_size
+        if k not in self.values and self.lazy is not None:
+            streams = [0 if d is self.derivatives else 1 if d is self.derivatives2 else -1
+                       for d in derivatives]
+            if -1 in streams:
+                raise ValueError("columns: derivatives must be this object's own dicts")
+            return self.lazy.take(k, idx, streams)
+        at = idx.expand(b, -1)
+        return (self.values[k].reshape(b, -1).gather(1, at),
+                [d[k].reshape(b, -1).expand(b, -1).gather(1, at) for d in derivatives])
 
 
 class PassResult(NamedTuple):
@@ -355,6 +373,7 @@ def configure(
     all_rates: bool = False,
     given: dict[int, Tensor] | None = None,
     varying: dict[int, Tensor] | None = None,
+    block=None,
 ) -> PassResult:
     """The configuration of x (B, *input_shape) under the tie-break along ``direction``,
     with the logits, and the gate values if ``record``; with ``all_rates`` the result's
@@ -375,6 +394,9 @@ def configure(
     every input of the batch up to ties the rule decides alike (:class:`PlaneScreen`'s
     steady windows of a plane box); the rule then runs on the first input for those and
     on the windows C of every input (on a window grid; the same choices and counts).
+    ``block``: a :meth:`PlaneBlock.bind` (the plane's first ReLU and max-pool decided
+    before the pass, which starts after them; their gate values are formed on demand,
+    :meth:`GateValues.columns`).
     """
     shape = tuple(x.shape[1:])
     if tuple(direction.shape) == shape:
@@ -392,14 +414,18 @@ def configure(
         stacked = torch.cat([x, dirs.to(x.dtype)])
     else:
         stacked = torch.cat([x, *(d.expand_as(x) for d in dirs)])
+    lazy = None
     with torch.no_grad():
+        if block is not None:
+            more, lazy = block(run)
+            given = {**(given or {}), **more}
         out = run.full(run.run(program, stacked, given=given))
     config = Configuration(
         run.on, run.select, run.index, run.n_relu, run.n_pool,
         {k: int(program.nodes[k].window.shape[1]) for k in run.select}, context,
     )
-    gates = GateValues(run.values, run.derivatives, b, run.derivatives2 if n_dir > 1 else None) \
-        if record else None
+    gates = GateValues(run.values, run.derivatives, b, run.derivatives2 if n_dir > 1 else None,
+                       lazy) if record else None
     rates = out[b:].reshape(n_dir, b, *out.shape[1:]) if all_rates else out[b : 2 * b]
     return PassResult(out[:b], config, gates, rates)
 
@@ -469,6 +495,185 @@ class PlanePrefix:
             z[3 * n:] = y[3]
             out[i] = z
         return out
+
+
+class PlaneBlock:
+    """The first ReLU and max-pool of a program on a plane box, decided once where they
+    cannot change, per point only where they can.
+
+    For ``relu -> max-pool`` as the first two gates, the ReLU reading a value of the
+    affine prefix (:class:`PlanePrefix`) and only the pool reading the ReLU: the units
+    whose sign cannot change over the box and the windows whose order cannot
+    (:class:`~openbox.constraints.PlaneScreen`'s steady ones: bounds with a margin over
+    rounding; flat entries, which no term of u or v reaches, keep bitwise the same values
+    and derivatives at every point) are decided by the pass's own rules once, at the
+    box's centre; each pass applies the same rules to the few others at every point (the
+    ReLU's varying units, the pool's varying windows, on their gathered entries) and
+    forms the pool's output at every window from the selected entries. The pass then
+    starts after the pool (:func:`configure`'s ``block``): the same signs, selections,
+    tie counts and pool outputs, bit for bit, as the pass through the ReLU and the pool
+    on the prefix's combined values (a test holds it to that).
+
+    :attr:`usable` is False (nothing to do: the plain pass) for other layouts.
+    """
+
+    def __init__(self, program: Program, tol: Tolerances, prefix: PlanePrefix, screen,
+                 x0: Tensor, u: Tensor, v: Tensor, direction: Tensor):
+        self.usable = False
+        gates = program.gates
+        if len(gates) < 2 or program.dtype != torch.float64:
+            return
+        k1, k2 = gates[0], gates[1]
+        relu, pool = program.nodes[k1], program.nodes[k2]
+        if not (isinstance(relu, ReLU) and isinstance(pool, MaxPool)):
+            return
+        vin = relu.inputs[0]
+        if (vin not in prefix.rows or pool.inputs[0] != k1 + 1
+                or program.users[k1 + 1] != (k2,) or _pool_grid(pool) is None
+                or k1 not in screen.q or k2 not in screen.q):
+            return
+        self.usable = True
+        self.program, self.tol, self.screen = program, tol, screen
+        self.k1, self.k2, self.vin, self.relu, self.pool = k1, k2, vin, relu, pool
+        self.prefix = prefix
+        self.y = prefix.rows[vin].reshape(4, -1)  # (4, n): y0, yu, yv, yd
+        dev = self.y.device
+        self.units = flat_nonzero(screen.q[k1] == -torch.inf).to(dev)  # varying units
+        self.windows = flat_nonzero(screen.q[k2] == -torch.inf).to(dev)  # varying windows
+        self.window = pool.window.to(dev)
+        # the rules once, at the box's centre (steady units and windows: any point alike)
+        c = torch.as_tensor((screen.lo + screen.hi) / 2, dtype=program.dtype,
+                            device=dev).reshape(1, 2)
+        nn_ = torch.tensor([[1.0, 0.0]], dtype=program.dtype, device=dev)
+        ee = torch.tensor([[0.0, 1.0]], dtype=program.dtype, device=dev)
+        run = _ConfigurationRun(program, tol, False, 1, 3, dev)
+        every = torch.arange(self.y.shape[1], device=dev)
+        z, dz = self._streams(every.reshape(1, -1), c, nn_, ee)
+        on, _ = run._relu_on(z, dz)
+        self.on_ref = on  # (1, n)
+        r, dr = self._outputs(z, dz, on)
+        n_out, kk = self.window.shape
+        steady = torch.ones(n_out, dtype=torch.bool, device=dev)
+        steady[self.windows] = False
+        self.steady = flat_nonzero(steady).to(dev)
+        ent = self.window[self.steady].reshape(1, -1)
+        ns_ = self.steady.numel()
+        vals = r.gather(1, ent).view(1, ns_, kk)
+        top = vals.amax(dim=2, keepdim=True)
+        sel_s, _, _ = run._pool_choose_dense(
+            vals, top, [d.gather(1, ent).view(1, ns_, kk) for d in dr])
+        self.n_pool_steady = run.n_pool.clone()  # (1,): ties at the steady windows
+        self.sel_ref = torch.zeros((1, n_out), dtype=torch.int64, device=dev)
+        self.sel_ref[:, self.steady] = sel_s
+        # the steady windows whose choice is not the strict maximum (flat ties): their
+        # value is the window maximum, the same at every point
+        chosen = vals.gather(2, sel_s.unsqueeze(2))
+        self.flat = self.steady[(chosen != top).reshape(-1)]
+        self.flat_value = top.reshape(-1)[(chosen != top).reshape(-1)]
+
+    def _streams(self, idx: Tensor, pts: Tensor, ns: Tensor, es: Tensor):
+        """z (B, c) at the gate-input positions idx (B or 1, c), and [dz along n, e and the
+        direction], the prefix's values combined as :meth:`PlanePrefix.given` combines
+        them (the same bits)."""
+        y = self.y
+        b = pts.shape[0]
+        at = idx.expand(b, -1)
+        g = [t.expand(b, -1).gather(1, at) for t in (y[0:1], y[1:2], y[2:3], y[3:4])]
+        col = lambda t, j: t[:, j:j + 1]  # noqa: E731
+        z = torch.mul(col(pts, 0), g[1]).add_(g[0])
+        z.add_(col(pts, 1) * g[2])
+        dn = torch.mul(col(ns, 0), g[1]).add_(col(ns, 1) * g[2])
+        de = torch.mul(col(es, 0), g[1]).add_(col(es, 1) * g[2])
+        return z, [dn, de, g[3]]
+
+    def _outputs(self, z: Tensor, dz: list[Tensor], on: Tensor):
+        """The ReLU's outputs (value, [derivatives]) as :meth:`_ConfigurationRun.relu`
+        forms them."""
+        slope = self.relu.negative_slope
+        if slope:
+            return self.relu.forward(z), [torch.where(on, d, d * slope) for d in dz]
+        return torch.clamp_min(z, 0), [torch.mul(d, on.view(torch.uint8)) for d in dz]
+
+    def bind(self, pts: Tensor, ns: Tensor, es: Tensor):
+        """:func:`configure`'s ``block`` for points pts (B, 2) with directions ns, es
+        (B, 2) in (a, b): called with the pass's run, it writes the two gates' states and
+        counts into it and returns (the given values, the gates' values on demand)."""
+        def block(run):
+            given, on = self.run(pts, ns, es, run)
+            return given, _BlockColumns(self, pts, ns, es, on)
+        return block
+
+    def run(self, pts: Tensor, ns: Tensor, es: Tensor, run: _ConfigurationRun):
+        """The block at points pts (B, 2) with directions ns, es (B, 2): the gates' states
+        and counts written into ``run``; returns the pool's output as a given value {k2 +
+        1: (4B, *out_shape)} (with the prefix's values that other nodes read), and the
+        ReLU's signs (B, n)."""
+        b = pts.shape[0]
+        k1, k2 = self.k1, self.k2
+        n_out, kk = self.window.shape
+        # the ReLU: steady signs copied, the varying units by the rule at every point
+        on = self.on_ref.expand(b, -1).clone()
+        if self.units.numel():
+            zu, dzu = self._streams(self.units.reshape(1, -1), pts, ns, es)
+            on_u, _ = run._relu_on(zu, dzu)
+            on[:, self.units] = on_u
+        # the pool: steady choices copied, the varying windows by the rule on their
+        # entries at every point
+        sel = self.sel_ref.expand(b, -1).clone()
+        run.n_pool += self.n_pool_steady
+        value_v = None
+        if self.windows.numel():
+            ent = self.window[self.windows].reshape(1, -1)
+            z, dz = self._streams(ent, pts, ns, es)
+            r, dr = self._outputs(z, dz, on.gather(1, ent.expand(b, -1)))
+            nv = self.windows.numel()
+            vals = r.view(b, nv, kk)
+            top = vals.amax(dim=2, keepdim=True)
+            sel_v, _, _ = run._pool_choose_dense(vals, top, [d.view(b, nv, kk) for d in dr])
+            sel[:, self.windows] = sel_v
+            value_v = top.reshape(b, nv)
+        index = _grid_index(self.pool, _pool_grid(self.pool), sel)
+        # the pool's output: the selected entries' outputs; the window maximum where a
+        # tie chose another entry
+        z, dz = self._streams(index, pts, ns, es)
+        r, dr = self._outputs(z, dz, on.gather(1, index))
+        if self.flat.numel():
+            r[:, self.flat] = self.flat_value
+        if value_v is not None:
+            r[:, self.windows] = value_v
+        out = torch.cat([r, *dr]).view(4 * b, *self.pool.out_shape)
+        run.on[k1] = on.view(b, *self.relu.in_shape)
+        run.select[k2], run.index[k2] = sel, index
+        given = {k2 + 1: out}
+        if any(i != self.vin for i in self.prefix.rows):
+            given.update((i, t) for i, t in self.prefix.given(pts, ns, es).items()
+                         if i != self.vin)
+        return given, on
+
+
+class _BlockColumns:
+    """The values of a :class:`PlaneBlock`'s two gates at a batch of points, formed at
+    the positions asked for (:meth:`GateValues.columns`): the ReLU's input and the pool's
+    input (the ReLU's output), each with its derivatives along n and e."""
+
+    def __init__(self, block: PlaneBlock, pts: Tensor, ns: Tensor, es: Tensor, on: Tensor):
+        self.block, self.pts, self.ns, self.es, self.on = block, pts, ns, es, on
+        self.gates = (block.k1, block.k2)
+
+    def __getitem__(self, index) -> _BlockColumns:
+        return _BlockColumns(self.block, self.pts[index], self.ns[index], self.es[index],
+                             self.on[index])
+
+    def take(self, k: int, idx: Tensor, streams: list[int]):
+        """(z (B, c), [dz (B, c) along n (0) or e (1) for each of ``streams``]) of gate
+        k's input at the flat positions idx (B or 1, c)."""
+        if k not in self.gates:
+            raise KeyError(f"gate node {k} is not one of the block's gates {self.gates}")
+        z, dz = self.block._streams(idx, self.pts, self.ns, self.es)
+        if k == self.block.k2:
+            b = self.pts.shape[0]
+            z, dz = self.block._outputs(z, dz, self.on.gather(1, idx.expand(b, -1)))
+        return z, [dz[i] for i in streams]
 
 
 class _ConfigurationRun(Interpreter):

@@ -409,28 +409,35 @@ def _oriented_rows(program: Program, config: Configuration, gates: GateValues,
 
     for k in program.gates:
         node = program.nodes[k]
-        z = gates.values[k].reshape(b, -1)
-        ders = [der[k].reshape(b, -1) for der in derivatives]
+        if k not in gates.values:  # formed only where asked for (a plane block)
+            if near is None or k not in only:
+                raise RuntimeError(f"gate node {k}: its values were formed only at some "
+                                   "positions; its rows need near= and only=")
+            z = ders = None
+        else:
+            z = gates.values[k].reshape(b, -1)
+            ders = [der[k].reshape(b, -1) for der in derivatives]
+        take = lambda idx, k=k: gates.columns(k, idx, derivatives)  # noqa: E731
         if isinstance(node, ReLU):
             if near is None:
                 sign = _relu_sign(config, k, z)
                 slack = _relu_slack(sign, z, tol)
                 yield k, slack, [sign * dz for dz in ders], [~tol.relu_moving(dz) for dz in ders]
                 continue
-            m = z.shape[1]
             on = config.on[k].reshape(b, -1)
+            m = on.shape[1]
             cols = only.get(k)
             if cols is not None:  # the screened units' columns: the same values
-                cols = cols.to(z.device)
+                cols = cols.to(on.device)
                 at = cols.expand(b, -1)  # a gather on it: ~3x index_select's speed on the CPU
-                z, on = z.gather(1, at), on.gather(1, at)
-                ders = [dz.expand(b, -1).gather(1, at) for dz in ders]
+                on = on.gather(1, at)
+                z, ders = take(at)
             # _relu_slack's values, in place: sign z (sign exactly +-1), 0 where tied
             slack = on.to(z.dtype).mul_(2.0).sub_(1.0).mul_(z).masked_fill_(tol.relu_tied(z), 0.0)
             reach = ders[0].abs()  # |rate| = |sign dz| = |dz|
             for dz in ders[1:]:
                 reach += dz.abs()
-            index = flat_nonzero(slack < reach.mul_(near)).to(z.device)
+            index = flat_nonzero(slack < reach.mul_(near)).to(on.device)
             if cols is not None:
                 c = max(cols.numel(), 1)  # (no column: no index)
                 on, slack, ders = on.reshape(-1), slack.reshape(-1), [d.reshape(-1) for d in ders]
@@ -457,14 +464,15 @@ def _oriented_rows(program: Program, config: Configuration, gates: GateValues,
                      for di, dj in zip(dis, djs)]
                 continue
             grid = pool_grid(node)
-            if grid is not None and z.is_contiguous() and all(d.stride(1) == 1 for d in ders):
+            if grid is not None and k in only:  # the screened windows of every input
                 index = config.index[k].reshape(b, -1)
-                if k in only:  # the screened windows of every input: the exact test
-                    yield (k, *_pool_rows_windows(node, only[k].to(z.device), index, z, ders,
-                                                  tol, near))
-                else:
-                    yield (k, *_pool_rows_near(node, grid, config.select[k].reshape(b, -1),
-                                               index, z, ders, tol, near))
+                yield (k, *_pool_rows_windows(node, only[k].to(index.device), index, take, b,
+                                              tol, near))
+                continue
+            if grid is not None and z.is_contiguous() and all(d.stride(1) == 1 for d in ders):
+                yield (k, *_pool_rows_near(node, grid, config.select[k].reshape(b, -1),
+                                           config.index[k].reshape(b, -1), z, ders, tol,
+                                           near))
                 continue
             # the entries position by position, (B, K, n_out): the windows' selected entry
             # broadcasts along the last, contiguous axis (and gather on an expanded index
@@ -580,33 +588,31 @@ def _pool_rows_at(node: MaxPool, win: Tensor, index: Tensor, z: Tensor, ders: li
             [tol.same_slope(di, dj) & tol.same_slope(dj, di) for di, dj in zip(dis, djs)])
 
 
-def _pool_rows_windows(node: MaxPool, c: Tensor, index: Tensor, z: Tensor,
-                       ders: list[Tensor], tol: Tolerances, near: Tensor):
+def _pool_rows_windows(node: MaxPool, c: Tensor, index: Tensor, take, b: int,
+                       tol: Tolerances, near: Tensor):
     """:func:`_pool_rows_at` on the windows c ((C,) ascending) of every input: the same
-    rows, bit for bit (the same elementwise expressions), gathered by column."""
-    b = z.shape[0]
+    rows, bit for bit (the same elementwise expressions), gathered by column: ``take(idx)``
+    gives (z (B, c), [dz (B, c)]) at the gate-input positions idx (B or 1, c)
+    (:meth:`~openbox.configuration.GateValues.columns`)."""
     n_out, kk = node.window.shape
     m, n_c = n_out * kk, c.numel()
-    # gathers on an expanded index: ~3x index_select's speed on the CPU
-    cols = node.window.to(z.device)[c].reshape(1, -1)  # (1, C K)
+    cols = node.window.to(c.device)[c].reshape(1, -1)  # (1, C K)
     at = index.gather(1, c.expand(b, -1))  # (B, C) the selected entries' flat positions
-    zi = z.gather(1, cols.expand(b, -1)).view(b, n_c, kk)
-    zj = z.gather(1, at).unsqueeze(2)  # (B, C, 1)
-    shared = [d.stride(0) == 0 for d in ders]
-    dis = [(d[:1].gather(1, cols).view(1, n_c, kk) if sh
-            else d.gather(1, cols.expand(b, -1)).view(b, n_c, kk))
-           for d, sh in zip(ders, shared)]  # (B or 1, C, K)
-    djs = [d.expand(b, -1).gather(1, at).unsqueeze(2) for d in ders]
+    zi, dis = take(cols)
+    zj, djs = take(at)
+    zi, zj = zi.view(b, n_c, kk), zj.unsqueeze(2)  # (B, C, K), (B, C, 1)
+    dis = [d.view(b, n_c, kk) for d in dis]
+    djs = [d.unsqueeze(2) for d in djs]
     reach = (djs[0] - dis[0]).abs_()
     for di, dj in zip(dis[1:], djs[1:]):
         reach += (dj - di).abs_()
     slack = (zj - zi).masked_fill_(tol.pool_tied(zi, zj), 0.0)
-    hit = flat_nonzero(slack < reach.mul_(near.view(b, 1, 1))).to(z.device)
+    hit = flat_nonzero(slack < reach.mul_(near.view(b, 1, 1))).to(c.device)
     width = max(n_c * kk, 1)  # (no window: no hit)
     bi, rest = hit // width, hit % width  # ascending: b, then window, then position
     ci, pos = rest // kk, rest % kk
     out = bi * m + c[ci] * kk + pos  # the layout's b * m + o * K + pos
-    dis = [di.reshape(-1)[rest if sh else hit] for di, sh in zip(dis, shared)]
+    dis = [di.reshape(-1)[hit] for di in dis]
     djs = [dj.reshape(-1)[bi * n_c + ci] for dj in djs]
     return (m, out, slack.reshape(-1)[hit], [dj - di for di, dj in zip(dis, djs)],
             [tol.same_slope(di, dj) & tol.same_slope(dj, di) for di, dj in zip(dis, djs)])

@@ -859,3 +859,99 @@ def test_pass_with_the_screens_varying_windows_is_the_pass(which, coarse):
     empty = {k: c[:0] for k, c in varying.items()}
     wrong = configure(ob.program, xs, dirs, tol, varying=empty).configuration
     assert any(not torch.equal(wrong.select[k], a.select[k]) for k in varying)
+
+
+@pytest.mark.parametrize("coarse", [False, True])
+@pytest.mark.parametrize("which", [0, 2, "leaky"])
+def test_plane_block_pass_is_the_pass(which, coarse):
+    """configure(block=PlaneBlock.bind(...)) (the first ReLU and max-pool decided once
+    where the screen proves they cannot change, per point elsewhere; the pass starting
+    after the pool) equals the pass through both gates on the prefix's values bit for
+    bit: keys, selections, indices, tie counts, logits, rates, every later gate's values,
+    and the two gates' values and derivatives at every position (formed on demand), also
+    on a sub-batch; on a conv-BN-ReLU-pool CNN, an Add before the ReLU and a LeakyReLU,
+    with a flat background and coarse ties (flat windows whose choice is not their
+    maximum). A block whose centre decisions are wrong changes the keys (the comparison
+    can fail)."""
+    from collections import OrderedDict
+
+    from openbox.configuration import PlaneBlock, PlanePrefix, configure
+    from openbox.constraints import PlaneScreen
+
+    if which == "leaky":
+        torch.manual_seed(4)
+        model = torch.nn.Sequential(OrderedDict(
+            conv=torch.nn.Conv2d(1, 3, 3, padding=1), relu=torch.nn.LeakyReLU(0.2),
+            pool=torch.nn.MaxPool2d(2), flatten=torch.nn.Flatten(),
+            fc=torch.nn.Linear(3 * 5 * 5, 4))).eval()
+    else:
+        model = _screen_models()[which]
+    ob = openbox.OpenBox(model.double(), (1, 10, 10))
+    tol = dataclasses.replace(ob.tol, tie=0.02, same_function=0.02) if coarse else ob.tol
+    g = torch.Generator().manual_seed(40)
+    x0 = torch.rand((1, 10, 10), generator=g, dtype=F64)
+    u, v = torch.randn((2, 1, 10, 10), generator=g, dtype=F64)
+    # a background the plane does not move, nearly constant: under the coarse tolerance
+    # its windows tie, and the rule can choose an entry below the window's maximum
+    x0[:, :4] = 1e-3 * torch.rand((1, 4, 10), generator=g, dtype=F64)
+    u[:, :4], v[:, :4] = 0.0, 0.0
+    lo, hi = np.array([-0.05, -0.02]), np.array([0.03, 0.05])
+    prefix = PlanePrefix(ob.program, x0, u, v, ob.direction)
+    screen = PlaneScreen(ob.program, tol, x0, u, v, lo, hi)
+    block = PlaneBlock(ob.program, tol, prefix, screen, x0, u, v, ob.direction)
+    assert block.usable and block.units.numel() and block.windows.numel()
+    assert block.flat.numel() > 0 if coarse else True
+    n = 40
+    gen = torch.Generator().manual_seed(41)
+    pts = torch.as_tensor(lo) + torch.rand((n, 2), generator=gen, dtype=F64) * \
+        torch.as_tensor(hi - lo)
+    th = torch.rand(n, generator=gen, dtype=F64) * 2 * math.pi
+    ns, es = torch.stack([th.cos(), th.sin()], 1), torch.stack([-th.sin(), th.cos()], 1)
+    comb = lambda ab: ab[:, 0].reshape(-1, 1, 1, 1) * u + ab[:, 1].reshape(-1, 1, 1, 1) * v  # noqa: E731
+    xs, dirs = x0 + comb(pts), torch.stack([comb(ns), comb(es), ob.direction.expand(n, 1, 10, 10)])
+    want = configure(ob.program, xs, dirs, tol, record=True, all_rates=True,
+                     given=prefix.given(pts, ns, es))
+    got = configure(ob.program, xs, dirs, tol, record=True, all_rates=True,
+                    block=block.bind(pts, ns, es))
+    a, b = want.configuration, got.configuration
+    assert a.region_keys() == b.region_keys()
+    assert len(set(a.region_keys())) > 1  # the points are in several regions
+    for k in a.select:
+        assert torch.equal(a.select[k], b.select[k]) and torch.equal(a.index[k], b.index[k])
+    for k in a.on:
+        assert torch.equal(a.on[k], b.on[k])
+    assert torch.equal(a.n_tight_relu, b.n_tight_relu)
+    assert torch.equal(a.n_tight_pool, b.n_tight_pool)
+    assert torch.equal(got.logits, want.logits) and torch.equal(got.rates, want.rates)
+    gw, gg = want.gate_values, got.gate_values
+    for k in ob.program.gates:
+        every = torch.arange(math.prod(ob.program.nodes[k].in_shape)).reshape(1, -1)
+        for sub in (slice(None), slice(3, 17)):
+            sw, sg = gw[sub], gg[sub]
+            zw, dw = sw.columns(k, every, [sw.derivatives, sw.derivatives2])
+            zg, dg = sg.columns(k, every, [sg.derivatives, sg.derivatives2])
+            assert torch.equal(zw, zg) and all(torch.equal(p, q) for p, q in zip(dw, dg))
+    # the decisions copied from the centre are used: flipping them changes the keys
+    block.on_ref = ~block.on_ref
+    bad = configure(ob.program, xs, dirs, tol, block=block.bind(pts, ns, es)).configuration
+    assert bad.region_keys() != a.region_keys()
+
+
+def test_plane_block_declines_other_layouts():
+    """PlaneBlock is not usable (the plain pass runs) when the first gates are not a ReLU
+    on the affine prefix followed by a max-pool on its output alone."""
+    from openbox.configuration import PlaneBlock, PlanePrefix
+    from openbox.constraints import PlaneScreen
+
+    from _models import resnet_like
+
+    for model, shape in ((_screen_models()[1], (1, 10, 10)), (random_mlp(1), (12,)),
+                         (resnet_like(2), (2, 10, 10))):
+        ob = openbox.OpenBox(model.double(), shape)
+        g = torch.Generator().manual_seed(1)
+        x0, u, v = torch.randn((3, *shape), generator=g, dtype=F64)
+        prefix = PlanePrefix(ob.program, x0[None], u, v, ob.direction)
+        screen = PlaneScreen(ob.program, ob.tol, x0[None], u, v, np.array([-0.1, -0.1]),
+                             np.array([0.1, 0.1]))
+        assert not PlaneBlock(ob.program, ob.tol, prefix, screen, x0[None], u, v,
+                              ob.direction).usable

@@ -47,7 +47,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from openbox.configuration import PlanePrefix, RegionKey, configure
+from openbox.configuration import PlaneBlock, PlanePrefix, RegionKey, configure
 from openbox.constraints import PlaneScreen, rows_in_plane
 
 DEFAULT_BATCH = 64
@@ -976,6 +976,9 @@ class _Walk:
         self.prefix = PlanePrefix(ob.program, x0, u, v, ob.direction)
         # the first gates' rows that can come near a point of the extent's box
         self.screen = PlaneScreen(ob.program, ob.tol, x0, u, v, start.min(0), start.max(0))
+        # the first ReLU and max-pool, decided once where they cannot change
+        self.block = PlaneBlock(ob.program, ob.tol, self.prefix, self.screen, x0, u, v,
+                                ob.direction)
 
     # -- the frontier
 
@@ -1085,10 +1088,13 @@ class _Walk:
         xs = self.x0 + _combine(p, u, v)
         dn, de = _combine(n, u, v), _combine(e, u, v)
         dirs = torch.stack([dn, de, ob.direction.expand_as(dn)])
+        varying = self.screen.varying(pts)
+        if self.block.usable and varying:  # (varying is {} if a point left the box)
+            kw = dict(block=self.block.bind(p, n, e))
+        else:
+            kw = dict(given=self.prefix.given(p, n, e), varying=varying)
         logits, config, gates, rates = configure(ob.program, xs, dirs, ob.tol, record=True,
-                                                 context=ob.key_context, all_rates=True,
-                                                 given=self.prefix.given(p, n, e),
-                                                 varying=self.screen.varying(pts))
+                                                 context=ob.key_context, all_rates=True, **kw)
         keys = config.region_keys()
         fresh, seen = [], set()
         for j, key in enumerate(keys):
