@@ -515,10 +515,14 @@ class PlaneBlock:
     on the prefix's combined values (a test holds it to that).
 
     :attr:`usable` is False (nothing to do: the plain pass) for other layouts.
+
+    Args:
+        program, tol: the OpenBox's program and tolerances.
+        prefix: the plane's :class:`PlanePrefix`; screen: its
+            :class:`~openbox.constraints.PlaneScreen` (the box).
     """
 
-    def __init__(self, program: Program, tol: Tolerances, prefix: PlanePrefix, screen,
-                 x0: Tensor, u: Tensor, v: Tensor, direction: Tensor):
+    def __init__(self, program: Program, tol: Tolerances, prefix: PlanePrefix, screen):
         self.usable = False
         gates = program.gates
         if len(gates) < 2 or program.dtype != torch.float64:
@@ -533,7 +537,6 @@ class PlaneBlock:
                 or k1 not in screen.q or k2 not in screen.q):
             return
         self.usable = True
-        self.program, self.tol, self.screen = program, tol, screen
         self.k1, self.k2, self.vin, self.relu, self.pool = k1, k2, vin, relu, pool
         self.prefix = prefix
         self.y = prefix.rows[vin].reshape(4, -1)  # (4, n): y0, yu, yv, yd

@@ -898,7 +898,7 @@ def test_plane_block_pass_is_the_pass(which, coarse):
     lo, hi = np.array([-0.05, -0.02]), np.array([0.03, 0.05])
     prefix = PlanePrefix(ob.program, x0, u, v, ob.direction)
     screen = PlaneScreen(ob.program, tol, x0, u, v, lo, hi)
-    block = PlaneBlock(ob.program, tol, prefix, screen, x0, u, v, ob.direction)
+    block = PlaneBlock(ob.program, tol, prefix, screen)
     assert block.usable and block.units.numel() and block.windows.numel()
     assert block.flat.numel() > 0 if coarse else True
     n = 40
@@ -953,5 +953,4 @@ def test_plane_block_declines_other_layouts():
         prefix = PlanePrefix(ob.program, x0[None], u, v, ob.direction)
         screen = PlaneScreen(ob.program, ob.tol, x0[None], u, v, np.array([-0.1, -0.1]),
                              np.array([0.1, 0.1]))
-        assert not PlaneBlock(ob.program, ob.tol, prefix, screen, x0[None], u, v,
-                              ob.direction).usable
+        assert not PlaneBlock(ob.program, ob.tol, prefix, screen).usable

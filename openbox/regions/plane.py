@@ -977,8 +977,7 @@ class _Walk:
         # the first gates' rows that can come near a point of the extent's box
         self.screen = PlaneScreen(ob.program, ob.tol, x0, u, v, start.min(0), start.max(0))
         # the first ReLU and max-pool, decided once where they cannot change
-        self.block = PlaneBlock(ob.program, ob.tol, self.prefix, self.screen, x0, u, v,
-                                ob.direction)
+        self.block = PlaneBlock(ob.program, ob.tol, self.prefix, self.screen)
 
     # -- the frontier
 
