@@ -485,16 +485,26 @@ class PlanePrefix:
         out = {}
         n = pts.shape[0]
         for i, y in self.rows.items():
-            shape = (n, *[1] * (y.dim() - 1))
-            col = lambda t, j: t[:, j].reshape(shape)  # noqa: E731
             z = y.new_empty((4 * n, *y.shape[1:]))
-            torch.mul(col(pts, 0), y[1], out=z[:n]).add_(y[0])
-            z[:n].add_(col(pts, 1) * y[2])
-            torch.mul(col(ns, 0), y[1], out=z[n:2 * n]).add_(col(ns, 1) * y[2])
-            torch.mul(col(es, 0), y[1], out=z[2 * n:3 * n]).add_(col(es, 1) * y[2])
-            z[3 * n:] = y[3]
+            _plane_streams(y, pts, ns, es, (n, *[1] * (y.dim() - 1)),
+                           z.view(4, n, *y.shape[1:]))
             out[i] = z
         return out
+
+
+def _plane_streams(y, pts: Tensor, ns: Tensor, es: Tensor, shape, out: Tensor) -> Tensor:
+    """The prefix's rows y = (y0, yu, yv, yd) combined at points pts (N, 2) with
+    directions ns, es (N, 2), into out (4, N, ...): ``y0 + a yu + b yv``, ``n_a yu + n_b
+    yv``, ``e_a yu + e_b yv`` and ``yd``; each coordinate reshaped to ``shape`` to
+    broadcast against the rows. The one place this sum is formed (:class:`PlanePrefix`
+    and :class:`PlaneBlock` get the same bits)."""
+    col = lambda t, j: t[:, j].reshape(shape)  # noqa: E731
+    torch.mul(col(pts, 0), y[1], out=out[0]).add_(y[0])
+    out[0].add_(col(pts, 1) * y[2])
+    torch.mul(col(ns, 0), y[1], out=out[1]).add_(col(ns, 1) * y[2])
+    torch.mul(col(es, 0), y[1], out=out[2]).add_(col(es, 1) * y[2])
+    out[3] = y[3]
+    return out
 
 
 class PlaneBlock:
@@ -576,18 +586,13 @@ class PlaneBlock:
 
     def _streams(self, idx: Tensor, pts: Tensor, ns: Tensor, es: Tensor):
         """z (B, c) at the gate-input positions idx (B or 1, c), and [dz along n, e and the
-        direction], the prefix's values combined as :meth:`PlanePrefix.given` combines
-        them (the same bits)."""
-        y = self.y
+        direction]: the prefix's values combined as :meth:`PlanePrefix.given` combines
+        them (:func:`_plane_streams`, the same bits)."""
         b = pts.shape[0]
         at = idx.expand(b, -1)
-        g = [t.expand(b, -1).gather(1, at) for t in (y[0:1], y[1:2], y[2:3], y[3:4])]
-        col = lambda t, j: t[:, j:j + 1]  # noqa: E731
-        z = torch.mul(col(pts, 0), g[1]).add_(g[0])
-        z.add_(col(pts, 1) * g[2])
-        dn = torch.mul(col(ns, 0), g[1]).add_(col(ns, 1) * g[2])
-        de = torch.mul(col(es, 0), g[1]).add_(col(es, 1) * g[2])
-        return z, [dn, de, g[3]]
+        g = [t.expand(b, -1).gather(1, at) for t in self.y.unsqueeze(1)]  # 4 x (B, c)
+        out = _plane_streams(g, pts, ns, es, (b, 1), g[0].new_empty((4, *at.shape)))
+        return out[0], [out[1], out[2], out[3]]
 
     def _outputs(self, z: Tensor, dz: list[Tensor], on: Tensor):
         """The ReLU's outputs (value, [derivatives]) as :meth:`_ConfigurationRun.relu`

@@ -575,17 +575,25 @@ def _pool_rows_at(node: MaxPool, win: Tensor, index: Tensor, z: Tensor, ders: li
     dis = [d.expand(b, -1)[rows, cols] for d in ders]
     djw = [d.expand(b, -1)[rows, at] for d in ders]
     # the exact test, as the gathered path computes it
-    reach = (djw[0] - dis[0]).abs_()
-    for di, dj in zip(dis[1:], djw[1:]):
-        reach += (dj - di).abs_()
-    slack = (zjw - zi).masked_fill_(tol.pool_tied(zi, zjw), 0.0)
-    hit = slack < reach.mul_(near.reshape(-1)[bi].unsqueeze(1))
+    slack, hit = _pool_near_test(zi, zjw, dis, djw, tol, near.reshape(-1)[bi].unsqueeze(1))
     w_at, pos = hit.nonzero(as_tuple=True)  # ascending: b, then o, then the position
     out = bi[w_at] * m + oi[w_at] * kk + pos  # the layout's b * m + o * K + pos
     dis = [di[w_at, pos] for di in dis]
     djs = [dj[w_at, 0] for dj in djw]
     return (m, out, slack[w_at, pos], [dj - di for di, dj in zip(dis, djs)],
             [tol.same_slope(di, dj) & tol.same_slope(dj, di) for di, dj in zip(dis, djs)])
+
+
+def _pool_near_test(zi: Tensor, zj: Tensor, dis: list[Tensor], djs: list[Tensor],
+                    tol: Tolerances, near: Tensor) -> tuple[Tensor, Tensor]:
+    """The exact near test of max-pool rows "entry i <= selected entry j" on gathered
+    entries (any broadcastable shapes): (slack ``z_j - z_i``, 0 where tied; the rows with
+    ``slack < near * sum_d |dj_d - di_d|``)."""
+    reach = (djs[0] - dis[0]).abs_()
+    for di, dj in zip(dis[1:], djs[1:]):
+        reach += (dj - di).abs_()
+    slack = (zj - zi).masked_fill_(tol.pool_tied(zi, zj), 0.0)
+    return slack, slack < reach.mul_(near)
 
 
 def _pool_rows_windows(node: MaxPool, c: Tensor, index: Tensor, take, b: int,
@@ -603,11 +611,8 @@ def _pool_rows_windows(node: MaxPool, c: Tensor, index: Tensor, take, b: int,
     zi, zj = zi.view(b, n_c, kk), zj.unsqueeze(2)  # (B, C, K), (B, C, 1)
     dis = [d.view(b, n_c, kk) for d in dis]
     djs = [d.unsqueeze(2) for d in djs]
-    reach = (djs[0] - dis[0]).abs_()
-    for di, dj in zip(dis[1:], djs[1:]):
-        reach += (dj - di).abs_()
-    slack = (zj - zi).masked_fill_(tol.pool_tied(zi, zj), 0.0)
-    hit = flat_nonzero(slack < reach.mul_(near.view(b, 1, 1))).to(c.device)
+    slack, hit = _pool_near_test(zi, zj, dis, djs, tol, near.view(b, 1, 1))
+    hit = flat_nonzero(hit).to(c.device)
     width = max(n_c * kk, 1)  # (no window: no hit)
     bi, rest = hit // width, hit % width  # ascending: b, then window, then position
     ci, pos = rest // kk, rest % kk

@@ -648,6 +648,19 @@ def _screen_models():
             _TwoBranches().eval()]
 
 
+def _screen_case(model, coarse: bool, seed: int):
+    """(ob, tol, x0, u, v, generator) on (1, 10, 10): a random plane whose first four
+    rows are a background it does not move (zero there); tol the OpenBox's, or, coarse,
+    one under which many entries tie."""
+    ob = openbox.OpenBox(model.double(), (1, 10, 10))
+    tol = dataclasses.replace(ob.tol, tie=0.02, same_function=0.02) if coarse else ob.tol
+    g = torch.Generator().manual_seed(seed)
+    x0 = torch.rand((1, 10, 10), generator=g, dtype=F64)
+    u, v = torch.randn((2, 1, 10, 10), generator=g, dtype=F64)
+    x0[:, :4], u[:, :4], v[:, :4] = 0.0, 0.0, 0.0
+    return ob, tol, x0, u, v, g
+
+
 @pytest.mark.parametrize("coarse", [False, True])
 @pytest.mark.parametrize("which", [0, 1, 2])
 def test_plane_screen_leaves_the_rows_as_they_are(which, coarse):
@@ -661,13 +674,7 @@ def test_plane_screen_leaves_the_rows_as_they_are(which, coarse):
     from openbox.configuration import configure
     from openbox.constraints import PlaneScreen, rows_in_plane
 
-    model = _screen_models()[which].double()
-    ob = openbox.OpenBox(model, (1, 10, 10))
-    tol = dataclasses.replace(ob.tol, tie=0.02, same_function=0.02) if coarse else ob.tol
-    g = torch.Generator().manual_seed(20 + which)
-    x0 = torch.rand((1, 10, 10), generator=g, dtype=F64)
-    u, v = torch.randn((2, 1, 10, 10), generator=g, dtype=F64)
-    x0[:, :4], u[:, :4], v[:, :4] = 0.0, 0.0, 0.0  # a background the plane does not move
+    ob, tol, x0, u, v, _ = _screen_case(_screen_models()[which], coarse, 20 + which)
     e = 0.05
     lo, hi = np.array([-e, -0.5 * e]), np.array([0.5 * e, e])
     screen = PlaneScreen(ob.program, tol, x0, u, v, lo, hi)
@@ -821,13 +828,7 @@ def test_pass_with_the_screens_varying_windows_is_the_pass(which, coarse):
     from openbox.configuration import configure
     from openbox.constraints import PlaneScreen
 
-    model = _screen_models()[which].double()
-    ob = openbox.OpenBox(model, (1, 10, 10))
-    tol = dataclasses.replace(ob.tol, tie=0.02, same_function=0.02) if coarse else ob.tol
-    g = torch.Generator().manual_seed(30 + which)
-    x0 = torch.rand((1, 10, 10), generator=g, dtype=F64)
-    u, v = torch.randn((2, 1, 10, 10), generator=g, dtype=F64)
-    x0[:, :4], u[:, :4], v[:, :4] = 0.0, 0.0, 0.0
+    ob, tol, x0, u, v, _ = _screen_case(_screen_models()[which], coarse, 30 + which)
     lo, hi = np.array([-0.05, -0.02]), np.array([0.03, 0.05])
     screen = PlaneScreen(ob.program, tol, x0, u, v, lo, hi)
     n = 40
@@ -886,15 +887,10 @@ def test_plane_block_pass_is_the_pass(which, coarse):
             fc=torch.nn.Linear(3 * 5 * 5, 4))).eval()
     else:
         model = _screen_models()[which]
-    ob = openbox.OpenBox(model.double(), (1, 10, 10))
-    tol = dataclasses.replace(ob.tol, tie=0.02, same_function=0.02) if coarse else ob.tol
-    g = torch.Generator().manual_seed(40)
-    x0 = torch.rand((1, 10, 10), generator=g, dtype=F64)
-    u, v = torch.randn((2, 1, 10, 10), generator=g, dtype=F64)
-    # a background the plane does not move, nearly constant: under the coarse tolerance
-    # its windows tie, and the rule can choose an entry below the window's maximum
+    ob, tol, x0, u, v, g = _screen_case(model, coarse, 40)
+    # the background nearly constant: under the coarse tolerance its windows tie, and the
+    # rule can choose an entry below the window's maximum
     x0[:, :4] = 1e-3 * torch.rand((1, 4, 10), generator=g, dtype=F64)
-    u[:, :4], v[:, :4] = 0.0, 0.0
     lo, hi = np.array([-0.05, -0.02]), np.array([0.03, 0.05])
     prefix = PlanePrefix(ob.program, x0, u, v, ob.direction)
     screen = PlaneScreen(ob.program, tol, x0, u, v, lo, hi)
