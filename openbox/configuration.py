@@ -259,6 +259,14 @@ many inputs ties (at a walk's points, a few dozen of 800,000): on the reference 
 first ReLU at 64 points it took ~4 ms over every input."""
 
 
+POOL_TABLE = True
+"""Whether the first max-pool after a ReLU fed by shared direction rows may decide by
+table (:class:`_PoolTable`); False: always by the rule on every window (tests compare)."""
+
+POOL_TABLE_ENTRIES = 4
+"""Largest window (entries) a :class:`_PoolTable` covers: 2^(2 K) cases per window."""
+
+
 def any_true(mask: Tensor) -> bool:
     """``bool(mask.any())`` for a bool tensor, as a max over its bytes: on the CPU a bool
     ``any`` scans 20-30x slower (0.09-0.14 ms against 0.004 ms on 200k entries)."""
@@ -708,6 +716,9 @@ class _ConfigurationRun(Interpreter):
         self.n_relu = torch.zeros(b, dtype=torch.int64, device=device)
         self.n_pool = torch.zeros(b, dtype=torch.int64, device=device)
         self.varying = varying or {}
+        # value index -> (on, _PoolTable): a ReLU's output whose only reader, a max-pool,
+        # forms its rates from the table's rows (the ReLU returned its values alone)
+        self.lazy: dict[int, tuple[Tensor, _PoolTable]] = {}
 
     def affine(self, k, node, x):
         y = node.op.apply(x)
@@ -791,8 +802,13 @@ class _ConfigurationRun(Interpreter):
                 self.derivatives2[k] = dz[1].expand_as(z)
         on, _ = self._relu_on(z, dz.unbind(0))
         self.on[k] = on
-        out = x.new_empty((b * (self.n_dir + 1), *x.shape[1:]))
         slope = node.negative_slope
+        if dz.shape[1] == 1 and not slope and not self.record:  # shared rows
+            table = _PoolTable.after(self.program, k, dz.reshape(self.n_dir, -1), self.tol)
+            if table is not None:
+                self.lazy[k + 1] = (on, table)
+                return torch.clamp_min(z, 0)  # the values; the pool forms its rates
+        out = x.new_empty((b * (self.n_dir + 1), *x.shape[1:]))
         dout = out[b:].view(self.n_dir, b, *x.shape[1:])
         if slope:
             out[:b] = node.forward(z)
@@ -804,6 +820,8 @@ class _ConfigurationRun(Interpreter):
 
     def maxpool(self, k, node: MaxPool, x):
         b = self.b
+        if node.inputs[0] in self.lazy:
+            return self._maxpool_by_table(k, node, x, *self.lazy.pop(node.inputs[0]))
         if self.record:
             dz = self.dirs(x)
             self.values[k], self.derivatives[k] = x[:b], dz[0].expand(b, *x.shape[1:])
@@ -832,13 +850,7 @@ class _ConfigurationRun(Interpreter):
         r = 1 if rows == b + n_dir else b  # rows per direction (1: shared)
         v = [view(0, b, o) for o in offsets]  # (B, *out_shape) strided views, no copies
         out = x.new_empty((b * (n_dir + 1), *node.out_shape))
-        value = out[:b]
-        if len(v) == 1:
-            value.copy_(v[0])
-        else:
-            torch.maximum(v[0], v[1], out=value)
-        for e in v[2:]:
-            torch.maximum(value, e, out=value)
+        value = _window_max(v, out[:b])
         dviews = [[view(b + r * i, r, o) for o in offsets] for i in range(n_dir)]
         if k in self.varying and b > 1:
             sel = self._pool_choose_varying(node, x, r, v, value, dviews,
@@ -849,6 +861,31 @@ class _ConfigurationRun(Interpreter):
         dflat = x[b:].reshape(n_dir, r, -1).expand(n_dir, b, -1)
         torch.gather(dflat, 2, index.unsqueeze(0).expand(n_dir, -1, -1),
                      out=out[b:].view(n_dir, b, -1))
+        self.select[k] = sel
+        self.index[k] = index
+        return out
+
+    def _maxpool_by_table(self, k, node: MaxPool, x: Tensor, on: Tensor,
+                          table: _PoolTable) -> Tensor:
+        """:meth:`_maxpool_grid` on the values x (B, *shape) of a ReLU that chose ``on``
+        (B, *shape) and whose input's rates are ``table.rows``: the choice by the table,
+        the output's rates formed at the selected entries as the ReLU forms them (the
+        row's entry times its on bit): the same selections, counts and outputs."""
+        b, n_dir = self.b, self.n_dir
+        grid = _pool_grid(node)
+        base, sizes, strides, offsets = grid
+        n_in = x[0].numel()
+        flat = x.reshape(-1)
+        start = flat.storage_offset() + base
+        v = [flat.as_strided((b, *sizes), (n_in, *strides), start + o) for o in offsets]
+        out = x.new_empty((b * (n_dir + 1), *node.out_shape))
+        value = _window_max(v, out[:b])
+        sel = table.choose(self, grid, v, value, on)
+        index = _grid_index(node, grid, sel)
+        bits = on.reshape(b, -1).gather(1, index).view(torch.uint8)
+        dout = out[b:].view(n_dir, b, -1)
+        for i in range(n_dir):
+            torch.mul(table.rows[i].take(index), bits, out=dout[i])
         self.select[k] = sel
         self.index[k] = index
         return out
@@ -952,6 +989,126 @@ class _ConfigurationRun(Interpreter):
         self.n_pool += (tied & ~same).reshape(v.shape[0], -1).sum(1)
         return sel, tied, same
 
+
+def _window_max(v: list[Tensor], value: Tensor) -> Tensor:
+    """The elementwise maximum of the views v (NaN propagates) written into value."""
+    if len(v) == 1:
+        value.copy_(v[0])
+    else:
+        torch.maximum(v[0], v[1], out=value)
+    for e in v[2:]:
+        torch.maximum(value, e, out=value)
+    return value
+
+
+class _PoolTable:
+    """The lexicographic max-pool rule of one node as a table, for a max-pool on a window
+    grid (at most :data:`POOL_TABLE_ENTRIES` entries per window) that is the only reader
+    of a ReLU without negative slope whose input's directional derivatives are rows
+    shared by every input of the pass: ``rows`` (D, n), as after an affine prefix under
+    a fixed tie-break direction (the OpenBox's own: the census, region keys, explain).
+
+    There an entry's derivative along direction i is ``rows[i, entry]`` where the ReLU
+    chose it on and exactly 0 (``dz * 0``) where off, so the rule's choice in a window and
+    its count of tied entries that are other functions depend only on which entries tie
+    the window's maximum (T, K bits, from the values) and which are on (O, K bits). The
+    table holds both for each window and each of the 2^(2K) cases, computed once by the
+    same elementwise expressions as :meth:`_ConfigurationRun._pool_choose` on those
+    derivatives (a -0 where the pass has +0, or the reverse, changes no comparison and
+    no floor). A pass forms each window's case ``T + 2^K O`` and looks both up: the same
+    selections and counts bit for bit (tested against the rule), without the rule's
+    floating-point work on the derivatives, and the ReLU need not form its derivative
+    rows (the pool forms its own at the selected entries).
+
+    Built the second time a node meets the same rows and tolerances (one-off directions,
+    e.g. a walk's, never pay for it), and cached per node: the last rows met without a
+    table, and one table of ``2^(2K) x n_out`` bytes (0.4 MB for the demo CNN's first
+    pool, 0.8 MB for the reference CNN's). Non-finite rows get none."""
+
+    def __init__(self, node: MaxPool, rows: Tensor, tol: Tolerances):
+        self.rows, self.tol = rows, tol
+        window = node.window.to(rows.device, torch.int64)
+        n_out, kk = window.shape
+        cases = 1 << (2 * kk)
+        bits = (torch.arange(cases, device=rows.device).unsqueeze(1)
+                >> torch.arange(2 * kk, device=rows.device)) & 1  # (cases, 2K)
+        tied, on = bits[:, :kk].bool(), bits[:, kk:].bool()
+        ent = rows[:, window]  # (D, n_out, K): each direction's rate at every entry
+        # (cases, n_out): a pass's lookups of one case read neighbouring windows' entries;
+        # each entry the choice (2 bits) and the count (3 bits) in one byte
+        packed = torch.empty((cases, n_out), dtype=torch.uint8, device=rows.device)
+        zero, low = rows.new_zeros(()), rows.new_full((), -torch.inf)
+        step = max(1, (1 << 22) // (n_out * kk))  # cases per chunk: ~32 MB of float64
+        for c0 in range(0, cases, step):
+            t = tied[c0 : c0 + step, None, :].expand(-1, n_out, kk)  # (c, n_out, K)
+            o = on[c0 : c0 + step, None, :]
+            same = t
+            for d in ent:  # _pool_choose's rule on each case's derivatives
+                masked = torch.where(same, torch.where(o, d, zero), low)
+                floor = tol.slope_floor(masked.amax(dim=2, keepdim=True))
+                same = same & (masked >= floor)
+            sel = same.to(torch.uint8).argmax(dim=2)  # first True
+            apart = (t & ~same).sum(2, dtype=torch.uint8)
+            packed[c0 : c0 + step] = sel.to(torch.uint8) | (apart << 2)
+        self.packed = packed.reshape(-1)
+        self.base = torch.arange(n_out, device=rows.device)
+
+    @staticmethod
+    def after(program: Program, k: int, rows: Tensor, tol: Tolerances) -> _PoolTable | None:
+        """The table of the max-pool that alone reads ReLU node k's output, when k has no
+        negative slope, the pool's layout allows one (see the class) and it has met these
+        rows (D, n) of k's input before; None otherwise (the rows are remembered)."""
+        users = program.users[k + 1]
+        if not POOL_TABLE or len(users) != 1 or program.nodes[k].negative_slope:
+            return None
+        node = program.nodes[users[0]]
+        if (not isinstance(node, MaxPool) or node.window.shape[1] > POOL_TABLE_ENTRIES
+                or _pool_grid(node) is None):
+            return None
+        last, table = _POOL_TABLES.get(node, (None, None))
+        if table is not None and table.tol == tol and _same_rows(table.rows, rows):
+            return table
+        if last is not None and last[1] == tol and _same_rows(last[0], rows):
+            if bool(torch.isfinite(rows).all()):
+                table = _PoolTable(node, rows.clone(), tol)
+                _POOL_TABLES[node] = (None, table)
+                return table
+        _POOL_TABLES[node] = ((rows.clone(), tol), table)
+        return None
+
+    def choose(self, run: _ConfigurationRun, grid, v, value: Tensor, on: Tensor) -> Tensor:
+        """sel (B, n_out) int64, counting into ``run.n_pool``, from the K value views v
+        (B, *out_shape) of the grid, their maximum ``value`` and the ReLU's choice ``on``
+        (B, *shape)."""
+        b = value.shape[0]
+        base, sizes, strides, offsets = grid
+        kk = len(offsets)
+        flat = on.contiguous().reshape(-1)
+        n_in = flat.numel() // b
+        start = flat.storage_offset() + base
+        floor = run.tol.pool_floor(value)  # tol.pool_tied, its bound computed once
+        code = (v[0] >= floor).view(torch.uint8)
+        for j, e in enumerate(v[1:], 1):
+            code.add_((e >= floor).view(torch.uint8), alpha=1 << j)
+        for j, off in enumerate(offsets):
+            o = flat.as_strided((b, *sizes), (n_in, *strides), start + off)
+            code.add_(o.view(torch.uint8), alpha=1 << (kk + j))
+        at = code.reshape(b, -1).to(torch.int64)  # (B, n_out): every window's case
+        at *= self.base.numel()
+        at += self.base
+        got = self.packed.take(at)
+        run.n_pool += (got >> 2).sum(1, dtype=torch.int64)
+        return (got & 3).to(torch.int64)
+
+
+def _same_rows(a: Tensor, b: Tensor) -> bool:
+    return (a.shape == b.shape and a.device == b.device and a.dtype == b.dtype
+            and torch.equal(a, b))
+
+
+_POOL_TABLES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+"""MaxPool node -> ((rows, tol) last met without a table, or None; its _PoolTable or
+None)."""
 
 _POOL_GRIDS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 """MaxPool node -> its :func:`_pool_grid` (nodes are immutable)."""

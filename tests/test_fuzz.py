@@ -285,6 +285,7 @@ def _walk_checks(case) -> list[str]:
             problems.append(f"segment: key at t={t:.4f} differs from its piece's")
             break
     problems += _line_pass_checks(ob, x0, x1)
+    problems += _pool_table_checks(ob, x)
     c = int(ob.program(x1.unsqueeze(0)).argmax())
     ig = openbox.regions.integrated_gradients(ob, x1.unsqueeze(0), x0.unsqueeze(0), c,
                                               progress=False)
@@ -316,6 +317,31 @@ def _walk_checks(case) -> list[str]:
                     problems.append("plane: a point's key differs from its polygon's")
                     break
     return problems
+
+
+def _pool_table_checks(ob, x) -> list[str]:
+    """configure with max-pool tables (built on the second pass of the same direction,
+    used on the third) against the rule on every window, bit for bit, on the case's
+    inputs with a zero block (flat ties) added."""
+    from openbox import configuration as cf
+
+    x = torch.cat([x, x.clone()])
+    n = x[0].numel()
+    x[x.shape[0] // 2 :].reshape(x.shape[0] - x.shape[0] // 2, -1)[:, n // 4 : 3 * n // 4] = 0
+    before = cf.POOL_TABLE
+    try:
+        cf.POOL_TABLE = False
+        ref = cf.configure(ob.program, x, ob.direction, ob.tol)
+        cf.POOL_TABLE = True
+        for _ in range(3):
+            got = cf.configure(ob.program, x, ob.direction, ob.tol)
+    finally:
+        cf.POOL_TABLE = before
+    a, b = ref.configuration, got.configuration
+    if not (np.array_equal(a.packed(), b.packed()) and torch.equal(a.n_tight, b.n_tight)
+            and torch.equal(ref.logits, got.logits) and torch.equal(ref.rates, got.rates)):
+        return ["configure: the max-pool table differs from the rule"]
+    return []
 
 
 def _line_pass_checks(ob, x0, x1) -> list[str]:

@@ -335,6 +335,101 @@ def test_relu_tie_break_on_the_tied_inputs_alone_is_the_dense_rule(sparse, monke
         assert np.array_equal(a, b) if isinstance(a, np.ndarray) else torch.equal(a, b)
 
 
+class _TwoReaders(nn.Module):
+    """conv -> ReLU, whose output a max-pool and an average pool both read (no table)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4, 3, padding=1)
+        self.pool, self.avg = nn.MaxPool2d(2), nn.AvgPool2d(2)
+        self.fc = nn.Linear(4 * 36, 3)
+
+    def forward(self, x):
+        h = torch.relu(self.conv(x))
+        return self.fc((self.pool(h) + self.avg(h)).flatten(1))
+
+
+def _table_net(pool, act=None, seed=0):
+    from _models import randomize_
+
+    model = nn.Sequential(
+        nn.Conv2d(1, 4, 3, padding=1), act or nn.ReLU(), pool, nn.Conv2d(4, 4, 3, padding=1),
+        nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.LazyLinear(3))
+    model(torch.zeros(1, 1, 12, 12))  # shapes the lazy layer
+    randomize_(model, seed)
+    with torch.no_grad():  # flat ties: channel 0 on over a zero patch, channel 1 off
+        model[0].bias[0], model[0].bias[1] = 0.3, -0.3
+        model[0].weight[2] = torch.round(model[0].weight[2] * 4) / 4  # coarse: exact ties
+    return model.eval()
+
+
+TABLE_CASES = [
+    ("2x2", lambda: _table_net(nn.MaxPool2d(2)), True),
+    ("1x2", lambda: _table_net(nn.MaxPool2d((1, 2))), True),
+    ("2x2-overlapping", lambda: _table_net(nn.MaxPool2d(2, stride=1)), True),
+    ("3x3 (9 entries)", lambda: _table_net(nn.MaxPool2d(3, stride=2)), False),
+    ("leaky", lambda: _table_net(nn.MaxPool2d(2), nn.LeakyReLU(0.1)), False),
+    ("two readers", lambda: _TwoReaders().eval(), False),
+]
+
+
+@pytest.mark.parametrize("name, build, tabled", TABLE_CASES, ids=[c[0] for c in TABLE_CASES])
+def test_pool_table_is_the_rule(name, build, tabled, monkeypatch):
+    """The first max-pool after a ReLU fed by shared direction rows decides by table
+    (_PoolTable, built the second time the same rows come) and forms its rates from the
+    rows: configurations, tied counts, selections, indices, logits and rates equal the
+    rule's on every window, bit for bit, under one direction and two (lexicographic),
+    with flat ties (zero patches over on and off channels) and coarse exact ties. Other
+    layouts (more than 4 entries, a negative slope, a second reader) build no table."""
+    from openbox import configuration as cf
+
+    torch.manual_seed(0)
+    model = build()
+    ob = openbox.OpenBox(model, (1, 12, 12))
+    x = torch.round(_images((1, 12, 12), 5, n=6) * 2) / 2  # values 0, 0.5, 1: exact ties
+    x[:, :, 4:8, :] = 0.0
+    x[0] = 0.0
+    two = torch.stack([ob.direction, torch.randn((1, 12, 12), dtype=F64)])
+    pool = next(k for k in ob.program.gates if isinstance(ob.program.nodes[k], cf.MaxPool))
+    for direction in (ob.direction, two):
+        monkeypatch.setattr(cf, "POOL_TABLE", False)
+        ref = cf.configure(ob.program, x, direction, ob.tol, all_rates=True)
+        monkeypatch.setattr(cf, "POOL_TABLE", True)
+        cf._POOL_TABLES.pop(ob.program.nodes[pool], None)
+        for _ in range(3):  # remembered, built, used
+            got = cf.configure(ob.program, x, direction, ob.tol, all_rates=True)
+        table = cf._POOL_TABLES.get(ob.program.nodes[pool], (None, None))[1]
+        assert (table is not None) == tabled
+        a, b = ref.configuration, got.configuration
+        assert np.array_equal(a.packed(), b.packed())
+        assert int(a.n_tight_pool.sum()) > 0  # ties between different functions
+        for t, u in [(a.n_tight_relu, b.n_tight_relu), (a.n_tight_pool, b.n_tight_pool),
+                     (ref.logits, got.logits), (ref.rates, got.rates),
+                     *((a.select[k], b.select[k]) for k in a.select),
+                     *((a.index[k], b.index[k]) for k in a.index)]:
+            assert torch.equal(t, u)
+
+
+def test_pool_table_refuses_non_finite_rows(monkeypatch):
+    """Rows that overflow (a direction of entries 1.5e308: the first layer's rates are
+    inf and NaN) get no table: the pass runs the rule, as without tables."""
+    from openbox import configuration as cf
+
+    ob = openbox.OpenBox(_table_net(nn.MaxPool2d(2)), (1, 12, 12))
+    x = _images((1, 12, 12), 1, n=3)
+    huge = torch.full((1, 12, 12), 1.5e308, dtype=F64)
+    huge[..., ::2] *= -1
+    monkeypatch.setattr(cf, "POOL_TABLE", False)
+    ref = cf.configure(ob.program, x, huge, ob.tol)
+    monkeypatch.setattr(cf, "POOL_TABLE", True)
+    for _ in range(3):
+        got = cf.configure(ob.program, x, huge, ob.tol)
+    pool = ob.program.nodes[ob.program.gates[1]]
+    assert cf._POOL_TABLES[pool][1] is None
+    assert np.array_equal(ref.configuration.packed(), got.configuration.packed())
+    torch.testing.assert_close(ref.logits, got.logits, rtol=0, atol=0, equal_nan=True)
+
+
 def _skip_net(seed):
     """A residual block whose skip reads the input itself (an Add of a value from before
     the first gate and one after it), then a padded max-pool (window table, no grid)."""
