@@ -266,6 +266,10 @@ table (:class:`_PoolTable`); False: always by the rule on every window (tests co
 POOL_TABLE_ENTRIES = 4
 """Largest window (entries) a :class:`_PoolTable` covers: 2^(2 K) cases per window."""
 
+POOL_TABLE_BYTES = 1 << 24
+"""Largest :class:`_PoolTable` (one byte per window and case): 16 MB, 65,536 windows of 4
+entries (the demo CNN's first pool has 1,568); larger pools decide by the rule."""
+
 
 def any_true(mask: Tensor) -> bool:
     """``bool(mask.any())`` for a bool tensor, as a max over its bytes: on the CPU a bool
@@ -1063,6 +1067,7 @@ class _PoolTable:
             return None
         node = program.nodes[users[0]]
         if (not isinstance(node, MaxPool) or node.window.shape[1] > POOL_TABLE_ENTRIES
+                or node.window.shape[0] << (2 * node.window.shape[1]) > POOL_TABLE_BYTES
                 or _pool_grid(node) is None):
             return None
         last, table = _POOL_TABLES.get(node, (None, None))

@@ -410,6 +410,23 @@ def test_pool_table_is_the_rule(name, build, tabled, monkeypatch):
             assert torch.equal(t, u)
 
 
+def test_pool_table_is_capped_in_size(monkeypatch):
+    """A pool whose table would exceed POOL_TABLE_BYTES decides by the rule."""
+    from openbox import configuration as cf
+
+    ob = openbox.OpenBox(_table_net(nn.MaxPool2d(2)), (1, 12, 12))
+    pool = ob.program.nodes[ob.program.gates[1]]
+    monkeypatch.setattr(cf, "POOL_TABLE_BYTES", pool.window.shape[0] * 256 - 1)
+    x = _images((1, 12, 12), 1, n=3)
+    for _ in range(3):
+        cf.configure(ob.program, x, ob.direction, ob.tol)
+    assert cf._POOL_TABLES.get(pool, (None, None))[1] is None
+    monkeypatch.setattr(cf, "POOL_TABLE_BYTES", pool.window.shape[0] * 256)
+    for _ in range(2):
+        cf.configure(ob.program, x, ob.direction, ob.tol)
+    assert cf._POOL_TABLES[pool][1] is not None
+
+
 def test_pool_table_refuses_non_finite_rows(monkeypatch):
     """Rows that overflow (a direction of entries 1.5e308: the first layer's rates are
     inf and NaN) get no table: the pass runs the rule, as without tables."""
