@@ -9,7 +9,9 @@ and the median of the repeats, by the wall clock and by the process's CPU time (
 other processes on a shared machine disturb less); the ratio census / forward of the
 best (target >= 0.3), the census's own overhead over the bare pass, the number of
 regions, and the peak RSS growth during the census. Every figure of a table is at the
-same batch size (``--batch``).
+same batch size (``--batch``). Last, the configure pass with the first max-pool decided by
+table (``openbox.configuration.POOL_TABLE``) against the rule on every window, batch by
+batch interleaved.
 
 First, on the packaged sample, a scan of batch sizes (``--batches``): forward float64,
 configure pass and census (no neighbours) at each, then the census at its best batch size
@@ -93,6 +95,29 @@ def configure_time(ob, x, batch) -> Clock:
         for i in range(0, x.shape[0], batch):
             ob.configure(ob.check_input(x[i : i + batch]))
     return c
+
+
+def table_ab(ob, x, batch) -> tuple[float, float]:
+    """(images/s with max-pool tables, without) of the configure pass, batch by batch
+    interleaved (both see the machine in the same state; the order alternates)."""
+    from openbox import configuration as cf
+
+    before = cf.POOL_TABLE
+    spent = {True: 0.0, False: 0.0}
+    try:
+        for flag in (True, True, False):  # the table built, both paths warm
+            cf.POOL_TABLE = flag
+            ob.configure(ob.check_input(x[:batch]))
+        for j, i in enumerate(range(0, x.shape[0], batch)):
+            xb = ob.check_input(x[i : i + batch])
+            for flag in ((True, False) if j % 2 else (False, True)):
+                cf.POOL_TABLE = flag
+                t = time.perf_counter()
+                ob.configure(xb)
+                spent[flag] += time.perf_counter() - t
+    finally:
+        cf.POOL_TABLE = before
+    return x.shape[0] / spent[True], x.shape[0] / spent[False]
 
 
 def census_run(ob, x, y, batch, neighbours_n=2000):
@@ -189,6 +214,9 @@ def bench(name, model, ob, x, y, repeats, batch, forward_batch=None):
                  f"{fc / best64[k]:.3f}" if tbest else "")
               + f"; census / forward float32: {fc / f32:.3f}; census / configure pass: "
               f"{fc / fcfg:.3f} (without neighbours {fc0 / fcfg:.3f})")
+    with_t, without = table_ab(ob, x, batch)
+    print(f"  configure pass with max-pool tables {with_t:.0f}/s, without (the rule on every "
+          f"window) {without:.0f}/s, batch by batch interleaved: {with_t / without:.2f}x")
     stored = c.digests.nbytes + c.layer_digests.nbytes + c.n_tight.nbytes + \
         c.predictions.nbytes + (0 if c.labels is None else c.labels.nbytes)
     print(f"  {c.summary()}")
