@@ -4,7 +4,8 @@ read the ratios).
 For each data set: images/s of the model's own forward (float64, the OpenBox's reference
 copy, and float32, the model as loaded), of the bare configuration pass
 (``ob.configure`` per batch, the census's floor) and of :func:`openbox.regions.census`
-(with its nearest-neighbour statistics on up to 2,000 inputs, and without), the best
+(with its nearest-neighbour statistics on up to 2,000 inputs, without them, and one
+batch at a time, ``workers=1``: by default it configures batches side by side), the best
 and the median of the repeats, by the wall clock and by the process's CPU time (which
 other processes on a shared machine disturb less); the ratio census / forward of the
 best (target >= 0.3), the census's own overhead over the bare pass, the number of
@@ -37,7 +38,13 @@ import torch
 import openbox
 from openbox.fmnist import DATA_DIR_ENV, INPUT_SHAPE, load_demo_model, load_fashion_mnist
 from openbox.fmnist.data import load_sample
-from openbox.regions.census import CENSUS_BATCH, DIGEST_BYTES, census
+from openbox.regions.census import (
+    CENSUS_BATCH,
+    CENSUS_WORKERS,
+    DIGEST_BYTES,
+    census,
+    default_workers,
+)
 
 
 def _status_kb(field: str) -> int | None:
@@ -120,12 +127,13 @@ def table_ab(ob, x, batch) -> tuple[float, float]:
     return x.shape[0] / spent[True], x.shape[0] / spent[False]
 
 
-def census_run(ob, x, y, batch, neighbours_n=2000):
+def census_run(ob, x, y, batch, neighbours_n=2000, workers=None):
     """(Clock, census, peak RSS growth in MB or None)."""
     exact = reset_peak()
     base = rss_kb() if exact else peak_kb()
     with Clock() as t:
-        c = census(ob, x, y, batch_size=batch, progress=False, neighbours_n=neighbours_n)
+        c = census(ob, x, y, batch_size=batch, progress=False, neighbours_n=neighbours_n,
+                   workers=workers)
     growth = (peak_kb() - base) / 1024
     return t, c, growth if exact or growth > 0 else None
 
@@ -176,11 +184,13 @@ def bench(name, model, ob, x, y, repeats, batch, forward_batch=None):
     """The table at one batch size; with ``forward_batch`` (the forward's own best batch
     size in the scan) also the forward float64 at that size, and the census against it."""
     n = x.shape[0]
-    print(f"\n== {name}: {n:,} images, batches of {batch}, {torch.get_num_threads()} threads")
+    workers = CENSUS_WORKERS or default_workers(ob)
+    print(f"\n== {name}: {n:,} images, batches of {batch}, {torch.get_num_threads()} threads, "
+          f"the census {workers} batches at once")
     m32 = model.float().eval()
     forward_time(ob.reference, x[:batch], ob.dtype, batch)  # warm-up
     census(ob, x[: 2 * batch], y[: 2 * batch], batch_size=batch, progress=False)
-    t64, t32, tcfg, tc, tc0, tbest = [], [], [], [], [], []
+    t64, t32, tcfg, tc, tc0, tc1, tbest = [], [], [], [], [], [], []
     c, growth = None, None
     for r in range(repeats):  # interleaved, best of each
         if forward_batch is not None and forward_batch != batch:
@@ -191,14 +201,15 @@ def bench(name, model, ob, x, y, repeats, batch, forward_batch=None):
         elapsed, c_r, g = census_run(ob, x, y, batch)
         tc.append(elapsed)
         tc0.append(census_run(ob, x, y, batch, neighbours_n=0)[0])
+        tc1.append(census_run(ob, x, y, batch, workers=1)[0])
         if r == 0:
             c, growth = c_r, g
     print("  images/s                          wall best median | cpu best median")
     names = ["forward float64 (reference copy)", "forward float32 (model)         ",
              "configure pass (float64)        ", "census (float64)                ",
-             "census without neighbours       "]
+             "census without neighbours       ", "census, one batch at a time     "]
     figures = {}
-    for name, clocks in zip(names, (t64, t32, tcfg, tc, tc0)):
+    for name, clocks in zip(names, (t64, t32, tcfg, tc, tc0, tc1)):
         w, cpu = rates(n, clocks, "wall"), rates(n, clocks, "cpu")
         figures[name.strip()] = (w[0], cpu[0])
         print(f"  {name} {w[0]:9.0f} {w[1]:6.0f} | {cpu[0]:8.0f} {cpu[1]:6.0f}")
@@ -208,12 +219,14 @@ def bench(name, model, ob, x, y, repeats, batch, forward_batch=None):
         print(f"  {fb:32s} {w[0]:9.0f} {w[1]:6.0f} | {cpu[0]:8.0f} {cpu[1]:6.0f}")
         best64 = (w[0], cpu[0])
     for what, k in (("wall", 0), ("cpu", 1)):
-        f64, f32, fcfg, fc, fc0 = (v[k] for v in figures.values())
+        f64, f32, fcfg, fc, fc0, fc1 = (v[k] for v in figures.values())
         print(f"  {what}: census / forward float64: {fc / f64:.3f} (target >= 0.3)"
               + (f", / forward float64 at its best batch {forward_batch}: "
                  f"{fc / best64[k]:.3f}" if tbest else "")
               + f"; census / forward float32: {fc / f32:.3f}; census / configure pass: "
-              f"{fc / fcfg:.3f} (without neighbours {fc0 / fcfg:.3f})")
+              f"{fc / fcfg:.3f} (without neighbours {fc0 / fcfg:.3f}); {workers} batches at "
+              f"once / one at a time: {fc / fc1:.2f} (one at a time / forward float64: "
+              f"{fc1 / f64:.3f})")
     with_t, without = table_ab(ob, x, batch)
     print(f"  configure pass with max-pool tables {with_t:.0f}/s, without (the rule on every "
           f"window) {without:.0f}/s, batch by batch interleaved: {with_t / without:.2f}x")

@@ -454,6 +454,71 @@ def test_bad_options(cnn):
         census(cnn, x, batch_size=0)
     with pytest.raises(ValueError, match="neighbours_n"):
         census(cnn, x, neighbours_n=-1)
+    for bad in (0, -1, True, 1.5):
+        with pytest.raises(ValueError, match="workers"):
+            census(cnn, x, workers=bad)
+
+
+@pytest.fixture
+def two_threads():
+    """torch on 2 intra-op threads for one test (the suite runs on 1: conftest)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield 2
+    torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("workers", [1, 2, 3])
+def test_batches_side_by_side_give_the_same_census(workers, cnn, cnn_data, cnn_census,
+                                                    two_threads):
+    """Any number of passes at once (threads, torch's 2 threads split among them) gives
+    the census one pass at a time gives, in the data's order, and torch's thread count is
+    restored."""
+    x, y = cnn_data
+    c = census(cnn, x, y, batch_size=4, progress=False, workers=workers)
+    assert torch.get_num_threads() == two_threads
+    one = census(cnn, x, y, batch_size=4, progress=False, workers=1)
+    for name in ("digests", "layer_digests", "n_tight", "predictions", "labels"):
+        np.testing.assert_array_equal(getattr(c, name), getattr(one, name))
+        np.testing.assert_array_equal(getattr(c, name), getattr(cnn_census, name))
+    np.testing.assert_array_equal(c.neighbours.hamming, one.neighbours.hamming)
+    np.testing.assert_array_equal(c.neighbours.distance, one.neighbours.distance)
+
+
+def test_an_error_in_a_later_batch_restores_torch_threads(cnn, cnn_data, two_threads):
+    x, _ = cnn_data
+    bad = [x[:4], x[4:8], torch.full((2, *SHAPE), float("nan")), x[8:12]]
+    with pytest.raises(ValueError, match="batch 2"):
+        census(cnn, bad, progress=False, workers=2)
+    assert torch.get_num_threads() == two_threads
+
+
+def test_censuses_at_once_in_threads_restore_torch_threads(cnn, cnn_data, cnn_census,
+                                                          two_threads):
+    """Two censuses in two threads of one process, each splitting torch's threads: both
+    results are the census, and the thread count before them is restored."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    x, y = cnn_data
+    with ThreadPoolExecutor(2) as pool:
+        got = list(pool.map(lambda _: census(cnn, x, y, batch_size=4, progress=False,
+                                             workers=2), range(2)))
+    assert torch.get_num_threads() == two_threads
+    for c in got:
+        np.testing.assert_array_equal(c.digests, cnn_census.digests)
+        np.testing.assert_array_equal(c.layer_digests, cnn_census.layer_digests)
+
+
+def test_default_workers_follow_torch_threads(cnn, monkeypatch):
+    import importlib
+
+    module = importlib.import_module("openbox.regions.census")
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    assert module.default_workers(cnn) == 2
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 64)
+    assert module.default_workers(cnn) == module.CENSUS_MAX_WORKERS
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
+    assert module.default_workers(cnn) == 1
 
 
 def test_a_single_input_has_one_region_and_no_neighbours(cnn):

@@ -45,6 +45,11 @@ tie-break directions (different :attr:`OpenBox.key_context`) refuse to merge.
 
 Sharding a data set over processes: see ``docs/census.md`` (``torch.distributed`` with
 ``all_gather_object``, and Ray Data's ``map_batches``).
+
+Speed. One configuration pass per batch, the OpenBox's own (the keys are bit for bit
+those of :meth:`OpenBox.region_key`); on the CPU the census runs batches side by side in
+threads with torch's threads split among them (:data:`CENSUS_WORKERS`), which changes
+nothing in the result. ``experiments/bench_census.py`` measures it against the forward.
 """
 
 from __future__ import annotations
@@ -52,7 +57,11 @@ from __future__ import annotations
 import csv
 import hashlib
 import os
+import threading
+from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import cached_property
 from math import prod
@@ -75,6 +84,19 @@ CENSUS_BATCH: int | None = None
 threads, float64) 32 to 128 were within the machine's noise of each other (96 and 128
 ahead by up to 1.4x in some runs, behind by ~10% in others), 192 and up slower; so the
 OpenBox's own size stands."""
+
+CENSUS_WORKERS: int | None = None
+"""Default number of batches a census configures at once, each in a thread of its own
+(:func:`census`'s ``workers``); None: :func:`default_workers`. While more than one runs,
+torch's intra-op threads are split among them (``torch.set_num_threads``, restored when
+the passes end): a configuration pass is hundreds of small tensor operations, and on the
+CPU two single-threaded passes side by side beat one pass on two threads, whose threads
+wait on each other at every operation. Demo CNN, 2 cores, 10,000 test images: 1.1-1.45x
+the census with one pass at a time (the same census bit for bit); more cores are
+unmeasured, so the split there is a guess (pass ``workers=`` to choose)."""
+
+CENSUS_MAX_WORKERS = 4
+"""Most batches :func:`default_workers` configures at once (each holds a batch's tensors)."""
 
 NEIGHBOURS_N = 2000
 """Default cap on the inputs sampled for nearest-neighbour statistics."""
@@ -591,6 +613,7 @@ def census(
     progress: bool | None = None,
     neighbours_n: int = NEIGHBOURS_N,
     seed: int = NEIGHBOURS_SEED,
+    workers: int | None = None,
 ) -> Census:
     """Count the linear regions a data set falls into.
 
@@ -609,6 +632,11 @@ def census(
         neighbours_n: cap on the reservoir sample for nearest-neighbour statistics (0: no
             neighbours).
         seed: the reservoir's seed.
+        workers: batches configured at once, each in a thread (default
+            :data:`CENSUS_WORKERS`); with more than one, torch's intra-op threads are
+            split among them while the passes run (``torch.set_num_threads``, restored
+            after: other torch work of the process meanwhile gets the reduced count). At
+            most ``workers + 1`` batches are held. The census is the same for any number.
 
     Returns:
         A :class:`Census`. Raises ValueError for data of the wrong shape, dtype or device,
@@ -621,6 +649,10 @@ def census(
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
     if not isinstance(neighbours_n, int) or neighbours_n < 0:
         raise ValueError(f"neighbours_n must be an int >= 0, got {neighbours_n!r}")
+    if workers is None:
+        workers = CENSUS_WORKERS or default_workers(ob)
+    if not isinstance(workers, int) or isinstance(workers, bool) or workers < 1:
+        raise ValueError(f"workers must be a positive int, got {workers!r}")
     layers = _layers(ob.program)
     batches, total = _batches(ob, data, labels, batch_size)
     show = (total is None or total > 1) if progress is None else bool(progress)
@@ -628,25 +660,45 @@ def census(
     known = data.shape[0] if isinstance(data, (Tensor, np.ndarray)) else None
     rows = _Rows(known)
     labelled = None
-    for xb, yb in tqdm(batches, total=total, desc="census", unit="batch", disable=not show,
-                       leave=False):
-        if labelled is None:
-            labelled = yb is not None
-        elif labelled != (yb is not None):
-            raise ValueError("some batches of data carry labels and others do not; give "
-                             "every batch as (x, y), or none")
-        for i in range(0, xb.shape[0], batch_size):
-            x = xb[i : i + batch_size]
-            lg, config, _, _ = ob.configure(x)
-            patterns = _patterns(config, layers)
-            dig = _key_digests(config, layers, patterns)
-            columns = [dig, _digest_rows(patterns, config.batch_size),
-                       config.n_tight.cpu().numpy().astype(np.int64),
-                       lg.argmax(dim=1).cpu().numpy().astype(np.int64)]
-            if labelled:
-                columns.append(yb[i : i + batch_size])
-            sample.add(rows.n, x, patterns, dig)
-            rows.append(columns)
+
+    def jobs():  # (x, y or None) of at most batch_size inputs, in the data's order
+        nonlocal labelled
+        for xb, yb in tqdm(batches, total=total, desc="census", unit="batch",
+                           disable=not show, leave=False):
+            if labelled is None:
+                labelled = yb is not None
+            elif labelled != (yb is not None):
+                raise ValueError("some batches of data carry labels and others do not; "
+                                 "give every batch as (x, y), or none")
+            for i in range(0, xb.shape[0], batch_size):
+                yield xb[i : i + batch_size], None if yb is None else yb[i : i + batch_size]
+
+    def record(x: Tensor, y, done) -> None:  # in the data's order
+        columns, patterns = done
+        if y is not None:
+            columns.append(y)
+        sample.add(rows.n, x, patterns, columns[0])
+        rows.append(columns)
+
+    if workers == 1:
+        for x, y in jobs():
+            record(x, y, _census_batch(ob, x, layers))
+    else:
+        pending: deque = deque()
+        with _split_threads(workers), ThreadPoolExecutor(workers,
+                                                         thread_name_prefix="census") as pool:
+            try:
+                for x, y in jobs():
+                    pending.append((x, y, pool.submit(_census_batch, ob, x, layers)))
+                    if len(pending) > workers:
+                        x0, y0, done = pending.popleft()
+                        record(x0, y0, done.result())
+                while pending:
+                    x0, y0, done = pending.popleft()
+                    record(x0, y0, done.result())
+            finally:
+                for *_, done in pending:  # an error: drop what has not started
+                    done.cancel()
     if rows.n == 0:
         raise ValueError("data holds no inputs; pass a tensor (N, "
                          f"{', '.join(map(str, ob.input_shape))}) with N >= 1, or a non-empty "
@@ -663,6 +715,50 @@ def census(
         sample.neighbours(),
         neighbours_n,
     )
+
+
+def default_workers(ob) -> int:
+    """Batches a census configures at once by default: torch's intra-op threads (at most
+    :data:`CENSUS_MAX_WORKERS`) on the CPU, 1 on other devices (one stream of kernels)."""
+    if torch.device(ob.device).type != "cpu":
+        return 1
+    return max(1, min(CENSUS_MAX_WORKERS, torch.get_num_threads()))
+
+
+_THREADS = threading.Lock()
+_THREADS_HELD = [0, 0]  # [censuses splitting torch's threads now, the count before them]
+
+
+@contextmanager
+def _split_threads(workers: int):
+    """torch's intra-op threads split among ``workers`` passes while the block runs, the
+    count restored when the last census inside such a block leaves it (censuses running
+    at once in threads of one process share one saved count)."""
+    with _THREADS:
+        if _THREADS_HELD[0] == 0:
+            _THREADS_HELD[1] = torch.get_num_threads()
+            torch.set_num_threads(max(1, _THREADS_HELD[1] // workers))
+        _THREADS_HELD[0] += 1
+    try:
+        yield
+    finally:
+        with _THREADS:
+            _THREADS_HELD[0] -= 1
+            if _THREADS_HELD[0] == 0:
+                torch.set_num_threads(_THREADS_HELD[1])
+
+
+def _census_batch(ob, x: Tensor, layers: tuple[Layer, ...]):
+    """One batch's pass of a census, x (B, *input_shape) checked: ([key digests (B, 16),
+    layer digests (B, L, 16), facets (B,), predictions (B,)], the layer patterns). It
+    touches no shared state, so batches run in threads side by side."""
+    lg, config, _, _ = ob.configure(x)
+    patterns = _patterns(config, layers)
+    dig = _key_digests(config, layers, patterns)
+    columns = [dig, _digest_rows(patterns, config.batch_size),
+               config.n_tight.cpu().numpy().astype(np.int64),
+               lg.argmax(dim=1).cpu().numpy().astype(np.int64)]
+    return columns, patterns
 
 
 class _Rows:
