@@ -516,7 +516,9 @@ def test_default_workers_follow_torch_threads(cnn, monkeypatch):
     monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
     assert module.default_workers(cnn) == 2
     monkeypatch.setattr(torch, "get_num_threads", lambda: 64)
-    assert module.default_workers(cnn) == module.CENSUS_MAX_WORKERS
+    from openbox import parallel
+
+    assert module.default_workers(cnn) == parallel.MAX_WORKERS
     monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
     assert module.default_workers(cnn) == 1
 

@@ -57,11 +57,9 @@ from __future__ import annotations
 import csv
 import hashlib
 import os
-import threading
 from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import cached_property
 from math import prod
@@ -74,6 +72,8 @@ from tqdm.auto import tqdm
 
 from linearize import MaxPool, ReLU
 from openbox.configuration import selection_dtype
+from openbox.parallel import split_threads
+from openbox.parallel import workers as default_device_workers
 
 DIGEST_BYTES = 16
 """Bytes of every digest a census stores (BLAKE2b, as :attr:`RegionKey.digest16`)."""
@@ -94,9 +94,6 @@ CPU two single-threaded passes side by side beat one pass on two threads, whose 
 wait on each other at every operation. Demo CNN, 2 cores, 10,000 test images: 1.1-1.45x
 the census with one pass at a time (the same census bit for bit); more cores are
 unmeasured, so the split there is a guess (pass ``workers=`` to choose)."""
-
-CENSUS_MAX_WORKERS = 4
-"""Most batches :func:`default_workers` configures at once (each holds a batch's tensors)."""
 
 NEIGHBOURS_N = 2000
 """Default cap on the inputs sampled for nearest-neighbour statistics."""
@@ -685,7 +682,7 @@ def census(
             record(x, y, _census_batch(ob, x, layers))
     else:
         pending: deque = deque()
-        with _split_threads(workers), ThreadPoolExecutor(workers,
+        with split_threads(workers), ThreadPoolExecutor(workers,
                                                          thread_name_prefix="census") as pool:
             try:
                 for x, y in jobs():
@@ -718,34 +715,9 @@ def census(
 
 
 def default_workers(ob) -> int:
-    """Batches a census configures at once by default: torch's intra-op threads (at most
-    :data:`CENSUS_MAX_WORKERS`) on the CPU, 1 on other devices (one stream of kernels)."""
-    if torch.device(ob.device).type != "cpu":
-        return 1
-    return max(1, min(CENSUS_MAX_WORKERS, torch.get_num_threads()))
-
-
-_THREADS = threading.Lock()
-_THREADS_HELD = [0, 0]  # [censuses splitting torch's threads now, the count before them]
-
-
-@contextmanager
-def _split_threads(workers: int):
-    """torch's intra-op threads split among ``workers`` passes while the block runs, the
-    count restored when the last census inside such a block leaves it (censuses running
-    at once in threads of one process share one saved count)."""
-    with _THREADS:
-        if _THREADS_HELD[0] == 0:
-            _THREADS_HELD[1] = torch.get_num_threads()
-            torch.set_num_threads(max(1, _THREADS_HELD[1] // workers))
-        _THREADS_HELD[0] += 1
-    try:
-        yield
-    finally:
-        with _THREADS:
-            _THREADS_HELD[0] -= 1
-            if _THREADS_HELD[0] == 0:
-                torch.set_num_threads(_THREADS_HELD[1])
+    """Batches a census configures at once by default (:func:`openbox.parallel.workers`):
+    torch's intra-op threads, at most 4, on the CPU; 1 on other devices."""
+    return default_device_workers(ob.device)
 
 
 def _census_batch(ob, x: Tensor, layers: tuple[Layer, ...]):
