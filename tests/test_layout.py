@@ -25,7 +25,7 @@ ALLOWED: dict[str, set[str]] = {
     "package": {"linearize", "tolerances", "geometry", "core", "regions", "explainers",
                 "metrics", "fmnist", "faces"},
 }
-CORE = {"engine", "configuration", "linear_maps", "constraints", "features"}
+CORE = {"engine", "configuration", "linear_maps", "constraints", "features", "parallel"}
 FACES = {"cli", "plotting", "record", "loading", "comparison"}
 # third-party imports confined to some groups
 CONFINED = {
