@@ -78,12 +78,13 @@ from openbox.parallel import workers as default_device_workers
 DIGEST_BYTES = 16
 """Bytes of every digest a census stores (BLAKE2b, as :attr:`RegionKey.digest16`)."""
 
-CENSUS_BATCH: int | None = None
+CENSUS_BATCH: int | None = 128
 """Default inputs per configuration pass of a census; None: the OpenBox's ``batch_size``
-(64 by default). ``experiments/bench_census.py`` scans batch sizes: on the demo CNN (2 CPU
-threads, float64) 32 to 128 were within the machine's noise of each other (96 and 128
-ahead by up to 1.4x in some runs, behind by ~10% in others), 192 and up slower; so the
-OpenBox's own size stands."""
+(64 by default). With two batches side by side (:data:`CENSUS_WORKERS`), on the demo CNN
+(2 CPU threads, float64, 10,000 test images, whole censuses interleaved) 128 ran 1.11x
+and 1.18x the census at 64 (medians of 4), 96 1.13x, 192 1.08x, 256 0.94x; one batch at a
+time, 32 to 128 had been within the machine's noise of each other
+(``experiments/bench_census.py`` scans batch sizes)."""
 
 CENSUS_WORKERS: int | None = None
 """Default number of batches a census configures at once, each in a thread of its own
