@@ -261,6 +261,35 @@ def _key_map(pm):
     return polys, edges
 
 
+def test_box_pairs_by_windows_are_the_dense_test():
+    """_boxes_meet's windowed search (boxes sorted by lower x) gives the pairs the test of
+    every pair gives, in the same order: random boxes with a few wide ones, boxes that
+    only touch, and one box spanning everything."""
+    P = importlib.import_module("openbox.regions.plane")
+    rng = np.random.default_rng(0)
+    for trial in range(60):
+        e, n = int(rng.integers(1, 300)), int(rng.integers(1, 500))
+        c, ec = rng.uniform(-1, 1, (n, 2)), rng.uniform(-1, 1, (e, 2))
+        w = rng.exponential(0.05, (n, 2))
+        w[rng.uniform(size=n) < 0.02] *= 20
+        ew = rng.exponential(0.02, (e, 2))
+        lo, hi, elo, ehi = c - w, c + w, ec - ew, ec + ew
+        if trial % 3 == 0 and min(n, e) > 3:  # touching (closed boxes meet)
+            elo[0, 0], ehi[1, 0], lo[3] = hi[1, 0], lo[2, 0], (-5.0, -5.0)
+            hi[3] = (5.0, 5.0)
+        old = P.BOX_PAIRS_DENSE
+        try:
+            P.BOX_PAIRS_DENSE = 10**12
+            dense = P._boxes_meet(elo, ehi, lo, hi)
+            P.BOX_PAIRS_DENSE = 0
+            windowed = P._boxes_meet(elo, ehi, lo, hi)
+        finally:
+            P.BOX_PAIRS_DENSE = old
+        assert len(dense[0]) > 0 or trial % 3
+        np.testing.assert_array_equal(dense[0], windowed[0])
+        np.testing.assert_array_equal(dense[1], windowed[1])
+
+
 def test_batch_size_and_neighbour_guesses_do_not_change_the_map():
     """One point per pass (no batch, so no guess keeps a crossing back), big batches and
     walks from a grid of starts give the same regions, areas and graph; and the guessed

@@ -1291,15 +1291,10 @@ class _Walk:
             # polygon: the edge's box meets the polygon's box up to that rounding
             pt, qt = e.p[ts], e.q[ts]
             elo, ehi = np.minimum(pt, qt) - self.touch, np.maximum(pt, qt) + self.touch
-            lo, hi = e.lo[ks], e.hi[ks]
-            hit = elo[:, None, 0] <= hi[None, :, 0]
-            hit &= elo[:, None, 1] <= hi[None, :, 1]
-            hit &= lo[None, :, 0] <= ehi[:, None, 0]
-            hit &= lo[None, :, 1] <= ehi[:, None, 1]
-            hit &= e.owner[ts][:, None] != ks[None]
-            i, j = np.nonzero(hit)
-            pairs_e.append(ts[i])
-            pairs_k.append(ks[j])
+            i, j = _boxes_meet(elo, ehi, e.lo[ks], e.hi[ks])
+            keep = e.owner[ts][i] != ks[j]
+            pairs_e.append(ts[i[keep]])
+            pairs_k.append(ks[j[keep]])
         if not pairs_e:
             return set()
         edge, poly = np.concatenate(pairs_e), np.concatenate(pairs_k)
@@ -1324,6 +1319,47 @@ class _Walk:
                 return
         self.at.pop(t, None)
         del self.covered[t]
+
+
+BOX_PAIRS_DENSE = 1 << 16
+"""Edge-polygon pairs below which :func:`_boxes_meet` tests every pair at once."""
+
+
+def _boxes_meet(elo: np.ndarray, ehi: np.ndarray, lo: np.ndarray, hi: np.ndarray):
+    """(i, j) int64, row-major (i, then j ascending): the pairs of boxes [elo_i, ehi_i]
+    (E, 2) and [lo_j, hi_j] (N, 2) that meet (closed: touching counts), as the dense test
+    over all E x N pairs gives them. Past BOX_PAIRS_DENSE pairs, only the boxes j whose
+    lower x lies in [elo_i x - the widest box, ehi_i x] are tested (those with lo_j x >
+    ehi_i x, or hi_j x < elo_i x, cannot meet box i): sorted by lower x, a window each."""
+    e, n = len(elo), len(lo)
+    if e * n <= BOX_PAIRS_DENSE:
+        hit = elo[:, None, 0] <= hi[None, :, 0]
+        hit &= elo[:, None, 1] <= hi[None, :, 1]
+        hit &= lo[None, :, 0] <= ehi[:, None, 0]
+        hit &= lo[None, :, 1] <= ehi[:, None, 1]
+        return np.nonzero(hit)
+    order = np.argsort(lo[:, 0], kind="stable")
+    lox = lo[order, 0]
+    wide = float((hi[:, 0] - lo[:, 0]).max())
+    a = np.searchsorted(lox, elo[:, 0] - wide, side="left")
+    b = np.searchsorted(lox, ehi[:, 0], side="right")
+    count = np.maximum(b - a, 0)
+    i = np.repeat(np.arange(e), count)
+    j = order[np.repeat(a, count) + _ranks(count)]  # each box's window, in sorted order
+    hit = (elo[i, 0] <= hi[j, 0]) & (elo[i, 1] <= hi[j, 1]) & (lo[j, 0] <= ehi[i, 0]) \
+        & (lo[j, 1] <= ehi[i, 1])
+    i, j = i[hit], j[hit]
+    at = np.lexsort((j, i))
+    return i[at], j[at]
+
+
+def _ranks(count: np.ndarray) -> np.ndarray:
+    """(sum count,) 0, 1, ..., count_0 - 1, 0, 1, ..., count_1 - 1, ..."""
+    total = int(count.sum())
+    if total == 0:
+        return np.zeros(0, dtype=np.int64)
+    starts = np.repeat(np.cumsum(count) - count, count)
+    return np.arange(total, dtype=np.int64) - starts
 
 
 def _differs(a: list[Polygon], b: list[Polygon], seg: np.ndarray) -> np.ndarray:
