@@ -3,7 +3,7 @@ read the ratios).
 
 For each data set: images/s of the model's own forward (float64, the OpenBox's reference
 copy, and float32, the model as loaded), of the bare configuration pass
-(``ob.configure`` per batch, the census's floor) and of :func:`openbox.regions.census`
+(``ob.configure`` per batch, one at a time) and of :func:`openbox.regions.census`
 (with its nearest-neighbour statistics on up to 2,000 inputs, without them, and one
 batch at a time, ``workers=1``: by default it configures batches side by side), the best
 and the median of the repeats, by the wall clock and by the process's CPU time (which

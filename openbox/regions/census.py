@@ -92,9 +92,10 @@ CENSUS_WORKERS: int | None = None
 torch's intra-op threads are split among them (``torch.set_num_threads``, restored when
 the passes end): a configuration pass is hundreds of small tensor operations, and on the
 CPU two single-threaded passes side by side beat one pass on two threads, whose threads
-wait on each other at every operation. Demo CNN, 2 cores, 10,000 test images: 1.1-1.45x
-the census with one pass at a time (the same census bit for bit); more cores are
-unmeasured, so the split there is a guess (pass ``workers=`` to choose)."""
+wait on each other at every operation. Demo CNN, 2 cores, 10,000 test images: 1.05-1.45x
+the census with one pass at a time (the same census bit for bit; most in this machine's
+slow phases); more cores are unmeasured, so the split there is a guess (pass ``workers=``
+to choose)."""
 
 NEIGHBOURS_N = 2000
 """Default cap on the inputs sampled for nearest-neighbour statistics."""
@@ -724,7 +725,7 @@ def default_workers(ob) -> int:
 def _census_batch(ob, x: Tensor, layers: tuple[Layer, ...]):
     """One batch's pass of a census, x (B, *input_shape) checked: ([key digests (B, 16),
     layer digests (B, L, 16), facets (B,), predictions (B,)], the layer patterns). It
-    touches no shared state, so batches run in threads side by side."""
+    touches no state of the census, so batches run in threads side by side."""
     lg, config, _, _ = ob.configure(x)
     patterns = _patterns(config, layers)
     dig = _key_digests(config, layers, patterns)
