@@ -842,20 +842,11 @@ class _ConfigurationRun(Interpreter):
         K views of shape (B, *out_shape), one position at a time. Gives the same selections,
         counts and outputs: elementwise the same expressions, on every window."""
         b, n_dir = self.b, self.n_dir
-        base, sizes, strides, offsets = grid
-        rows = x.shape[0]
-        n_in = x[0].numel()
-        flat = x.reshape(-1)
-        start = flat.storage_offset() + base
-
-        def view(r0, n, off):
-            return flat.as_strided((n, *sizes), (n_in, *strides), start + r0 * n_in + off)
-
-        r = 1 if rows == b + n_dir else b  # rows per direction (1: shared)
-        v = [view(0, b, o) for o in offsets]  # (B, *out_shape) strided views, no copies
+        r = 1 if x.shape[0] == b + n_dir else b  # rows per direction (1: shared)
+        v = _grid_views(x, grid, 0, b)  # (B, *out_shape) strided views, no copies
         out = x.new_empty((b * (n_dir + 1), *node.out_shape))
         value = _window_max(v, out[:b])
-        dviews = [[view(b + r * i, r, o) for o in offsets] for i in range(n_dir)]
+        dviews = [_grid_views(x, grid, b + r * i, r) for i in range(n_dir)]
         if k in self.varying and b > 1:
             sel = self._pool_choose_varying(node, x, r, v, value, dviews,
                                             self.varying[k].to(x.device))
@@ -877,11 +868,7 @@ class _ConfigurationRun(Interpreter):
         row's entry times its on bit): the same selections, counts and outputs."""
         b, n_dir = self.b, self.n_dir
         grid = _pool_grid(node)
-        base, sizes, strides, offsets = grid
-        n_in = x[0].numel()
-        flat = x.reshape(-1)
-        start = flat.storage_offset() + base
-        v = [flat.as_strided((b, *sizes), (n_in, *strides), start + o) for o in offsets]
+        v = _grid_views(x, grid, 0, b)
         out = x.new_empty((b * (n_dir + 1), *node.out_shape))
         value = _window_max(v, out[:b])
         sel = table.choose(self, grid, v, value, on)
@@ -994,6 +981,16 @@ class _ConfigurationRun(Interpreter):
         return sel, tied, same
 
 
+def _grid_views(t: Tensor, grid, r0: int, n: int) -> list[Tensor]:
+    """The K strided views (n, *out_shape) of rows r0 .. r0 + n of t (rows contiguous, in
+    a gate input's layout), one per window position of the grid (:func:`_pool_grid`)."""
+    base, sizes, strides, offsets = grid
+    n_in = t[0].numel()
+    flat = t.reshape(-1)
+    start = flat.storage_offset() + base + r0 * n_in
+    return [flat.as_strided((n, *sizes), (n_in, *strides), start + off) for off in offsets]
+
+
 def _window_max(v: list[Tensor], value: Tensor) -> Tensor:
     """The elementwise maximum of the views v (NaN propagates) written into value."""
     if len(v) == 1:
@@ -1085,18 +1082,12 @@ class _PoolTable:
         """sel (B, n_out) int64, counting into ``run.n_pool``, from the K value views v
         (B, *out_shape) of the grid, their maximum ``value`` and the ReLU's choice ``on``
         (B, *shape)."""
-        b = value.shape[0]
-        base, sizes, strides, offsets = grid
-        kk = len(offsets)
-        flat = on.contiguous().reshape(-1)
-        n_in = flat.numel() // b
-        start = flat.storage_offset() + base
+        b, kk = value.shape[0], len(v)
         floor = run.tol.pool_floor(value)  # tol.pool_tied, its bound computed once
         code = (v[0] >= floor).view(torch.uint8)
         for j, e in enumerate(v[1:], 1):
             code.add_((e >= floor).view(torch.uint8), alpha=1 << j)
-        for j, off in enumerate(offsets):
-            o = flat.as_strided((b, *sizes), (n_in, *strides), start + off)
+        for j, o in enumerate(_grid_views(on.contiguous(), grid, 0, b)):
             code.add_(o.view(torch.uint8), alpha=1 << (kk + j))
         at = code.reshape(b, -1).to(torch.int64)  # (B, n_out): every window's case
         at *= self.base.numel()
